@@ -1,0 +1,1 @@
+//! device-service: the Hive-facing relay and REST API. Built in its own issue.

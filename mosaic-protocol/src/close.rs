@@ -1,0 +1,58 @@
+//! WebSocket close codes and the reasons a device session ends.
+
+/// The server is going away (shutdown); the device should reconnect elsewhere.
+pub const GOING_AWAY: u16 = 1001;
+/// Policy violation: too many bad frames in a row.
+pub const POLICY_VIOLATION: u16 = 1008;
+/// A frame larger than the configured maximum.
+pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// Bad token, or the token expired without refresh.
+pub const UNAUTHORIZED: u16 = 4401;
+/// A refresh token named a different device (`sub`).
+pub const FORBIDDEN: u16 = 4403;
+/// No `auth` frame within the auth timeout.
+pub const AUTH_TIMEOUT: u16 = 4408;
+/// A newer session of the same device replaced this one.
+pub const REPLACED: u16 = 4409;
+/// The device did not read what was sent to it fast enough (outbound queue full).
+pub const SLOW_CONSUMER: u16 = 4429;
+
+/// Why a session ended, as carried in the lifecycle `disconnected` message's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DisconnectReason {
+    /// The device closed the connection (or the TCP connection ended).
+    ClosedByDevice,
+    /// The token's `exp` passed with no refresh.
+    TokenExpired,
+    /// A refresh token named another device.
+    Forbidden,
+    /// A newer session of the same device took over.
+    Replaced,
+    /// The device answered no ping in time.
+    PingTimeout,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The device stopped reading and its outbound queue filled.
+    SlowConsumer,
+    /// The device kept sending bad frames, or sent one over the size limit.
+    PolicyViolation,
+    /// Anything else: an I/O error on the socket.
+    Error,
+}
+
+impl DisconnectReason {
+    /// The snake_case name used in lifecycle messages, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClosedByDevice => "closed_by_device",
+            DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::Forbidden => "forbidden",
+            DisconnectReason::Replaced => "replaced",
+            DisconnectReason::PingTimeout => "ping_timeout",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::PolicyViolation => "policy_violation",
+            DisconnectReason::Error => "error",
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The two exchanges and the routing keys on them.
+//!
+//! Routing keys are limited to 255 bytes by AMQP. An event name may be up to 128
+//! characters (up to 512 bytes of UTF-8), so [`event_key`] shortens the name part at a
+//! character boundary when the whole key would not fit; the full name always travels
+//! in the `name` header.
+
+use uuid::Uuid;
+
+/// Topic exchange, durable: everything devices send towards Hive.
+pub const EVENTS: &str = "mosaic.events";
+/// Topic exchange, durable: everything Hive sends towards devices.
+pub const COMMANDS: &str = "mosaic.commands";
+
+/// Routing key on [`COMMANDS`] that every connected device receives.
+pub const BROADCAST_KEY: &str = "broadcast";
+
+/// Binding pattern on [`EVENTS`] for every device event.
+pub const ALL_EVENTS: &str = "event.#";
+/// Binding pattern on [`EVENTS`] for every lifecycle message.
+pub const ALL_LIFECYCLE: &str = "lifecycle.#";
+
+/// The longest routing key AMQP carries, in bytes.
+pub const MAX_ROUTING_KEY_BYTES: usize = 255;
+
+/// `event.<device>.<name>`, the name shortened at a char boundary if the key would
+/// pass [`MAX_ROUTING_KEY_BYTES`].
+pub fn event_key(device: Uuid, name: &str) -> String {
+    let mut key = format!("event.{device}.");
+    let room = MAX_ROUTING_KEY_BYTES - key.len();
+    let mut end = name.len().min(room);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    key.push_str(&name[..end]);
+    key
+}
+
+/// `lifecycle.<device>.<connected|disconnected>`.
+pub fn lifecycle_key(device: Uuid, event: Lifecycle) -> String {
+    format!("lifecycle.{device}.{}", event.as_str())
+}
+
+/// `device.<device>`: the key on [`COMMANDS`] that reaches one device.
+pub fn device_key(device: Uuid) -> String {
+    format!("device.{device}")
+}
+
+/// The two lifecycle events of a device session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// The device authenticated and its session began.
+    Connected,
+    /// The session ended; the message carries a `reason`.
+    Disconnected,
+}
+
+impl Lifecycle {
+    /// The name used in routing keys and in the `name` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Connected => "connected",
+            Lifecycle::Disconnected => "disconnected",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_have_the_contract_shape() {
+        let d = Uuid::nil();
+        assert_eq!(
+            event_key(d, "temp"),
+            "event.00000000-0000-0000-0000-000000000000.temp"
+        );
+        assert_eq!(
+            lifecycle_key(d, Lifecycle::Disconnected),
+            "lifecycle.00000000-0000-0000-0000-000000000000.disconnected"
+        );
+        assert_eq!(device_key(d), "device.00000000-0000-0000-0000-000000000000");
+    }
+
+    #[test]
+    fn long_names_are_cut_at_a_char_boundary() {
+        let name = "é".repeat(128); // 256 bytes
+        let key = event_key(Uuid::nil(), &name);
+        assert!(key.len() <= MAX_ROUTING_KEY_BYTES);
+        assert!(key.len() >= MAX_ROUTING_KEY_BYTES - 1);
+        assert!(key.ends_with('é'));
+    }
+}

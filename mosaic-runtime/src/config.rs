@@ -1,0 +1,262 @@
+//! Configuration from flags and environment, through an injectable source.
+//!
+//! Every setting is a clap argument with `env = "NAME"`. [`parse`] reads the variables
+//! through a lookup function instead of the process environment, so tests pass a map
+//! and never mutate the environment. A flag on the command line beats the variable.
+//!
+//! A bad setting becomes a [`ConfigError`] naming the variable; [`exit`] prints it as
+//! one line and exits with code 64 (`EX_USAGE`).
+
+use std::ffi::OsString;
+use std::fmt;
+
+use clap::{CommandFactory, Parser};
+
+/// The log filter's variable, read by [`crate::telemetry::init_logs`] rather than by
+/// a configuration field.
+pub const LOG_FILTER_VAR: &str = "RUST_LOG";
+
+/// Exit code for a bad configuration (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A setting that is missing or invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The environment variable (or flag) at fault.
+    pub setting: String,
+    /// What is wrong with it. Never contains the value of a secret.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid setting {}: {}", self.setting, self.message)
+    }
+}
+
+impl ConfigError {
+    /// A new error for `setting`.
+    pub fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What [`parse`] produced: a configuration, or a request to print something and exit 0.
+#[derive(Debug)]
+pub enum Parsed<C> {
+    /// The configuration to run with.
+    Run(C),
+    /// `--help`, `--version` or `--print-settings`: print this and exit 0.
+    Print(String),
+}
+
+/// Parses `C` from `args` (the first one is the program name) and from variables found
+/// through `env`.
+///
+/// `--print-settings` prints the name of every environment variable the service reads,
+/// one a line: those of `C`, then [`LOG_FILTER_VAR`] (deployment checks compare the
+/// list with the manifests).
+pub fn parse<C: Parser>(
+    args: impl IntoIterator<Item = impl Into<OsString>>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Parsed<C>, ConfigError> {
+    let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let cmd = C::command();
+    if args.iter().skip(1).any(|a| a == "--print-settings") {
+        let mut names = settings::<C>();
+        names.push(LOG_FILTER_VAR.to_owned());
+        return Ok(Parsed::Print(names.join("\n") + "\n"));
+    }
+    // Values from the environment become flags, unless the flag was given already.
+    let mut from_env = Vec::new();
+    for arg in cmd.get_arguments() {
+        let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let flag = format!("--{long}");
+        let given = args.iter().skip(1).any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.starts_with(&format!("{flag}="))
+        });
+        if given {
+            continue;
+        }
+        if let Some(value) = env(&name.to_string_lossy()) {
+            from_env.push(OsString::from(format!("{flag}={value}")));
+        }
+    }
+    args.extend(from_env);
+    let matches = match cmd.mut_args(|a| a.env(None)).try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
+            // Render help from the untouched command, so it names the variables.
+            return Ok(Parsed::Print(C::command().render_long_help().to_string()));
+        }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayVersion => {
+            return Ok(Parsed::Print(e.render().to_string()));
+        }
+        Err(e) => return Err(to_config_error::<C>(e)),
+    };
+    C::from_arg_matches(&matches)
+        .map(Parsed::Run)
+        .map_err(to_config_error::<C>)
+}
+
+/// The environment variables `C` reads, in declaration order.
+pub fn settings<C: CommandFactory>() -> Vec<String> {
+    C::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// Prints `err` as one line on stderr and exits with [`EXIT_CONFIG`].
+pub fn exit(err: &ConfigError) -> ! {
+    eprintln!("error: {err}");
+    std::process::exit(EXIT_CONFIG)
+}
+
+/// Parses from the process's arguments and environment; prints and exits on
+/// `--help`/`--print-settings` (code 0) and on a bad setting (code 64).
+pub fn from_process<C: Parser>() -> C {
+    match parse::<C>(std::env::args_os(), |name| std::env::var(name).ok()) {
+        Ok(Parsed::Run(c)) => c,
+        Ok(Parsed::Print(text)) => {
+            print!("{text}");
+            std::process::exit(0)
+        }
+        Err(e) => exit(&e),
+    }
+}
+
+fn to_config_error<C: CommandFactory>(err: clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let arg = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => v.first().cloned(),
+        _ => None,
+    };
+    // Map "--jwt-secret <JWT_SECRET>" back to the variable name.
+    let setting = arg
+        .as_deref()
+        .and_then(|a| {
+            let long = a.trim_start_matches('-').split([' ', '=']).next()?;
+            C::command()
+                .get_arguments()
+                .find(|x| x.get_long() == Some(long))
+                .and_then(|x| x.get_env().map(|e| e.to_string_lossy().into_owned()))
+        })
+        .or(arg)
+        .unwrap_or_else(|| "arguments".to_owned());
+    let message = match (err.kind(), err.get(ContextKind::InvalidValue)) {
+        (ErrorKind::MissingRequiredArgument, _) => "required but not set".to_owned(),
+        (_, Some(ContextValue::String(v))) if !is_secret(&setting) => {
+            format!("{} (got {v:?})", first_line_reason(&err))
+        }
+        _ => first_line_reason(&err),
+    };
+    ConfigError::new(setting, message)
+}
+
+fn is_secret(setting: &str) -> bool {
+    ["SECRET", "TOKEN", "PASSWORD", "KEY", "AMQP_URL"]
+        .iter()
+        .any(|s| setting.contains(s))
+}
+
+/// The reason part of a clap error, without the usage block and the value.
+fn first_line_reason(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    if let Some(ContextValue::String(s)) = err.get(ContextKind::Custom) {
+        return s.clone();
+    }
+    let rendered = err.render().to_string();
+    let line = rendered.lines().next().unwrap_or("invalid value");
+    let line = line.trim_start_matches("error: ");
+    // clap says "invalid value 'x' for '--flag <NAME>': reason"; keep the reason.
+    match line.rsplit_once("': ") {
+        Some((_, reason)) => reason.to_owned(),
+        None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+
+    #[derive(Debug, Parser)]
+    struct Demo {
+        /// Address to listen on.
+        #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+        listen_addr: SocketAddr,
+        /// A secret.
+        #[arg(long, env = "JWT_SECRET")]
+        jwt_secret: Option<String>,
+        /// A required one.
+        #[arg(long, env = "HIVE_URL")]
+        hive_url: String,
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn run(args: &[&str], vars: &[(&str, &str)]) -> Result<Demo, ConfigError> {
+        match parse::<Demo>(
+            std::iter::once("demo").chain(args.iter().copied()),
+            env(vars),
+        )? {
+            Parsed::Run(d) => Ok(d),
+            Parsed::Print(_) => panic!("unexpected print"),
+        }
+    }
+
+    #[test]
+    fn env_values_and_defaults() {
+        let d = run(&[], &[("HIVE_URL", "http://h"), ("JWT_SECRET", "s")]).unwrap();
+        assert_eq!(d.hive_url, "http://h");
+        assert_eq!(d.jwt_secret.as_deref(), Some("s"));
+        assert_eq!(d.listen_addr, "0.0.0.0:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn a_flag_beats_the_variable() {
+        let d = run(&["--hive-url=http://flag"], &[("HIVE_URL", "http://env")]).unwrap();
+        assert_eq!(d.hive_url, "http://flag");
+    }
+
+    #[test]
+    fn missing_setting_is_named() {
+        let e = run(&[], &[]).unwrap_err();
+        assert_eq!(e.setting, "HIVE_URL");
+        assert_eq!(
+            e.to_string(),
+            "invalid setting HIVE_URL: required but not set"
+        );
+    }
+
+    #[test]
+    fn invalid_setting_is_named_in_one_line() {
+        let e = run(&[], &[("HIVE_URL", "x"), ("LISTEN_ADDR", "nowhere")]).unwrap_err();
+        assert_eq!(e.setting, "LISTEN_ADDR");
+        let line = e.to_string();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("nowhere"), "{line}");
+    }
+
+    #[test]
+    fn print_settings_lists_env_names() {
+        let out = parse::<Demo>(["demo", "--print-settings"], env(&[])).unwrap();
+        let Parsed::Print(text) = out else { panic!() };
+        assert_eq!(text, "LISTEN_ADDR\nJWT_SECRET\nHIVE_URL\nRUST_LOG\n");
+    }
+}

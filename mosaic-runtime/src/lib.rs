@@ -1,0 +1,16 @@
+//! Process plumbing shared by the Mosaic services, and nothing else.
+//!
+//! # Layout
+//!
+//! - [`config`]: parse a clap configuration from arguments and an injectable
+//!   environment, and report a bad setting in one line with exit code 64.
+//! - [`telemetry`]: `tracing` set-up from `RUST_LOG` and `LOG_FORMAT`, and the
+//!   process-wide Prometheus recorder.
+//! - [`health`]: the `/healthz`, `/readyz` and `/metrics` routes and the readiness flag.
+//! - [`signal`]: a future that resolves on SIGTERM or SIGINT.
+#![deny(missing_docs, missing_debug_implementations, unsafe_code)]
+
+pub mod config;
+pub mod health;
+pub mod signal;
+pub mod telemetry;

@@ -1,0 +1,327 @@
+//! A private RabbitMQ for tests.
+
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Where Debian's package keeps the scripts that run as the calling user.
+const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+/// How long a node may take to start (6–9 s idle, up to 17 s beside a build).
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Variable naming an already running broker's AMQP URL (vhost `/`).
+pub const AMQP_URL_VAR: &str = "MOSAIC_TEST_AMQP_URL";
+/// Variable naming the same broker's management API base URL.
+pub const MGMT_URL_VAR: &str = "MOSAIC_TEST_MGMT_URL";
+
+/// A RabbitMQ node, private to this process or shared by the whole test run.
+#[derive(Debug)]
+pub struct Broker {
+    amqp_url: String,
+    mgmt_url: String,
+    amqp_addr: SocketAddr,
+    http: reqwest::Client,
+    _private: Option<Private>,
+}
+
+#[derive(Debug)]
+struct Private {
+    /// Closing this pipe (at process exit, or on drop) stops the node.
+    watchdog_stdin: Mutex<Option<ChildStdin>>,
+    watchdog: Mutex<Child>,
+    dir: tempfile::TempDir,
+}
+
+/// The broker shared by every test in this process: the one the environment names,
+/// or a private one started on first use.
+pub fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(
+        || match (std::env::var(AMQP_URL_VAR), std::env::var(MGMT_URL_VAR)) {
+            (Ok(amqp), Ok(mgmt)) => Broker::existing(amqp, mgmt).expect("bad broker URLs"),
+            _ => Broker::start().expect("could not start a private RabbitMQ"),
+        },
+    )
+}
+
+/// A vhost of its own for one test: every exchange and queue a test declares lives
+/// there, so tests running at once never see each other's messages.
+#[derive(Debug, Clone)]
+pub struct Vhost {
+    /// The vhost's name.
+    pub name: String,
+    /// AMQP URL of the broker with this vhost selected.
+    pub amqp_url: String,
+}
+
+impl Broker {
+    fn existing(amqp_url: String, mgmt_url: String) -> anyhow::Result<Self> {
+        let rest = amqp_url
+            .split_once('@')
+            .map(|(_, r)| r)
+            .context("AMQP URL without credentials")?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let amqp_addr = hostport
+            .parse()
+            .with_context(|| format!("AMQP host:port {hostport:?} must be numeric"))?;
+        Ok(Broker {
+            amqp_url: amqp_url.trim_end_matches('/').to_owned(),
+            mgmt_url: mgmt_url.trim_end_matches('/').to_owned(),
+            amqp_addr,
+            http: reqwest::Client::new(),
+            _private: None,
+        })
+    }
+
+    /// Starts a private node on free loopback ports and waits until it serves AMQP
+    /// and its management API.
+    pub fn start() -> anyhow::Result<Self> {
+        if !Path::new(RABBITMQ_BIN).join("rabbitmq-server").exists() {
+            bail!("rabbitmq-server is not installed: apt-get install -y rabbitmq-server");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("mosaic-rabbit-")
+            .tempdir()?;
+        let [amqp, dist, epmd, mgmt] = free_ports::<4>()?;
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("log"))?;
+        std::fs::write(
+            d.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{amqp}\n\
+                 management.tcp.ip = 127.0.0.1\n\
+                 management.tcp.port = {mgmt}\n\
+                 loopback_users = none\n\
+                 log.console = false\n\
+                 log.file.level = warning\n"
+            ),
+        )?;
+        std::fs::write(d.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+        std::fs::write(d.join("env.conf"), "")?;
+        std::fs::write(d.join("advanced.config"), "[].\n")?;
+
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(WATCHDOG)
+            .env("HOME", d)
+            .env("RABBITMQ_NODENAME", format!("mosaic{amqp}@localhost"))
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", amqp.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("ERL_EPMD_PORT", epmd.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("rabbit.pid"))
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env("MOSAIC_RABBIT_BIN", RABBITMQ_BIN)
+            .env("MOSAIC_RABBIT_DIR", d)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            // Its own process group: Ctrl-C on the test run reaches the tests, and the
+            // watchdog, seeing its pipe close, stops the node cleanly.
+            .process_group(0);
+        let mut child = cmd.spawn().context("spawning the broker watchdog")?;
+        // The watchdog says "started" once epmd and the node were launched.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("watchdog stdout")?)
+            .read_line(&mut line)?;
+        if line.trim() != "started" {
+            bail!("broker watchdog failed to start: {line:?}");
+        }
+        let stdin = child.stdin.take();
+        let broker = Broker {
+            amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp}"),
+            mgmt_url: format!("http://127.0.0.1:{mgmt}"),
+            amqp_addr: SocketAddr::from(([127, 0, 0, 1], amqp)),
+            http: reqwest::Client::new(),
+            _private: Some(Private {
+                watchdog_stdin: Mutex::new(stdin),
+                watchdog: Mutex::new(child),
+                dir,
+            }),
+        };
+        broker.wait_until_up(mgmt)?;
+        Ok(broker)
+    }
+
+    fn wait_until_up(&self, mgmt: u16) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mgmt_addr = SocketAddr::from(([127, 0, 0, 1], mgmt));
+        loop {
+            let amqp_up =
+                TcpStream::connect_timeout(&self.amqp_addr, Duration::from_millis(200)).is_ok();
+            if amqp_up && http_ok(mgmt_addr, "/api/overview") {
+                return Ok(());
+            }
+            if let Some(p) = &self._private
+                && let Ok(Some(status)) = p.watchdog.lock().unwrap().try_wait()
+            {
+                bail!("RabbitMQ exited during start ({status})");
+            }
+            if started.elapsed() > START_TIMEOUT {
+                let out = self
+                    .log_dir()
+                    .and_then(|d| std::fs::read_to_string(d.join("server.out")).ok())
+                    .unwrap_or_default();
+                bail!("RabbitMQ did not come up within {START_TIMEOUT:?}; its output:\n{out}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// AMQP URL of the default vhost.
+    pub fn amqp_url(&self) -> &str {
+        &self.amqp_url
+    }
+
+    /// Base URL of the management HTTP API.
+    pub fn mgmt_url(&self) -> &str {
+        &self.mgmt_url
+    }
+
+    /// The AMQP listener's address (for a fault proxy in front of it).
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr
+    }
+
+    /// The node's log directory, when this process started the node.
+    pub fn log_dir(&self) -> Option<PathBuf> {
+        self._private.as_ref().map(|p| p.dir.path().join("log"))
+    }
+
+    /// Creates a fresh vhost named after `test` plus a random suffix, grants the
+    /// guest user everything on it, and returns its AMQP URL.
+    pub async fn vhost(&self, test: &str) -> Vhost {
+        let name = format!("{test}-{}", uuid::Uuid::new_v4().simple());
+        let enc = percent(&name);
+        let put = |path: String, body: serde_json::Value| {
+            let req = self
+                .http
+                .put(format!("{}{path}", self.mgmt_url))
+                .basic_auth("guest", Some("guest"))
+                .json(&body);
+            async move {
+                let res = req.send().await.expect("management API unreachable");
+                assert!(
+                    res.status().is_success(),
+                    "management API refused {path}: {}",
+                    res.status()
+                );
+            }
+        };
+        put(format!("/api/vhosts/{enc}"), serde_json::json!({})).await;
+        put(
+            format!("/api/permissions/{enc}/guest"),
+            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        )
+        .await;
+        Vhost {
+            amqp_url: format!("{}/{enc}", self.amqp_url),
+            name,
+        }
+    }
+
+    /// Asks the management API for the JSON at `path` (e.g. `/api/queues/<vhost>`).
+    pub async fn mgmt_get(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}{path}", self.mgmt_url))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API unreachable")
+            .error_for_status()
+            .expect("management API error")
+            .json()
+            .await
+            .expect("management API answered non-JSON")
+    }
+
+    /// Stops a private node now (it also stops when the process exits).
+    pub fn stop(&self) {
+        if let Some(p) = &self._private {
+            drop(p.watchdog_stdin.lock().unwrap().take());
+            let _ = p.watchdog.lock().unwrap().wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs as `sh -c`: starts a private epmd and the node, prints "started", waits for
+/// its stdin to close, then stops the node and epmd and waits for both.
+const WATCHDOG: &str = r#"
+set -u
+B="$MOSAIC_RABBIT_BIN"; D="$MOSAIC_RABBIT_DIR"
+EPMD=$(command -v epmd || ls /usr/lib/erlang/erts-*/bin/epmd 2>/dev/null | head -n1)
+"$EPMD" -port "$ERL_EPMD_PORT" -address 127.0.0.1 >/dev/null 2>&1 </dev/null &
+epmd_pid=$!
+"$B/rabbitmq-server" >"$D/log/server.out" 2>&1 </dev/null &
+node_pid=$!
+echo started
+cat >/dev/null
+kill -TERM "$node_pid" 2>/dev/null
+wait "$node_pid" 2>/dev/null
+# The node's own children (inet_gethost, erl_child_setup) go with beam; epmd last.
+kill -TERM "$epmd_pid" 2>/dev/null
+wait "$epmd_pid" 2>/dev/null
+rm -rf "$D"
+exit 0
+"#;
+
+/// Distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen).
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    // guest:guest
+    let req = format!(
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains(" 200 ")
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,1 @@
+//! websocket-service: the device-facing gateway. Built in its own issue.
