@@ -60,6 +60,50 @@ fn visit_table<'de, V: Visitor<'de>>(
     }
 }
 
+fn visit_array<'de, V: Visitor<'de>>(
+    items: &'de [AMQPValue],
+    depth: usize,
+    visitor: V,
+) -> Result<V::Value, Error> {
+    let mut access = ArrayAccess {
+        items: items.iter(),
+        depth: enter(depth)?,
+    };
+    let value = visitor.visit_seq(&mut access)?;
+    if access.items.len() == 0 {
+        Ok(value)
+    } else {
+        Err(de::Error::invalid_length(items.len(), &"fewer elements"))
+    }
+}
+
+/// Every variant but the containers, by the rules of `value.rs`.
+fn visit_scalar<'de, V: Visitor<'de>>(
+    value: &'de AMQPValue,
+    visitor: V,
+) -> Result<V::Value, Error> {
+    match value {
+        AMQPValue::Void => visitor.visit_unit(),
+        AMQPValue::Boolean(b) => visitor.visit_bool(*b),
+        AMQPValue::ShortShortInt(i) => visitor.visit_i64(i64::from(*i)),
+        AMQPValue::ShortInt(i) => visitor.visit_i64(i64::from(*i)),
+        AMQPValue::LongInt(i) => visitor.visit_i64(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => visitor.visit_i64(*i),
+        AMQPValue::ShortShortUInt(u) => visitor.visit_u64(u64::from(*u)),
+        AMQPValue::ShortUInt(u) => visitor.visit_u64(u64::from(*u)),
+        AMQPValue::LongUInt(u) => visitor.visit_u64(u64::from(*u)),
+        AMQPValue::Timestamp(t) => visitor.visit_u64(*t),
+        AMQPValue::Float(f) => visitor.visit_f64(finite(float32_to_f64(*f))?),
+        AMQPValue::Double(d) => visitor.visit_f64(finite(*d)?),
+        AMQPValue::DecimalValue(d) => visitor.visit_string(decimal_to_string(*d)),
+        AMQPValue::ShortString(s) => visitor.visit_borrowed_str(s.as_str()),
+        AMQPValue::LongString(s) => visitor.visit_borrowed_str(long_string_str(s)?),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) | AMQPValue::ByteArray(_) => Err(
+            de::Error::invalid_type(unexpected(value), &"a scalar (internal dispatch error)"),
+        ),
+    }
+}
+
 /// An externally tagged enum: a table with exactly one entry.
 fn visit_tagged_enum<'de, V: Visitor<'de>>(
     table: &'de FieldTable,
@@ -118,22 +162,11 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
     type Error = Error;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        // Containers only here; scalars in their own function, to keep this
+        // frame (repeated once per nesting level) small in unoptimized builds.
         match self.value {
-            AMQPValue::Void => visitor.visit_unit(),
-            AMQPValue::Boolean(b) => visitor.visit_bool(*b),
-            AMQPValue::ShortShortInt(i) => visitor.visit_i64(i64::from(*i)),
-            AMQPValue::ShortInt(i) => visitor.visit_i64(i64::from(*i)),
-            AMQPValue::LongInt(i) => visitor.visit_i64(i64::from(*i)),
-            AMQPValue::LongLongInt(i) => visitor.visit_i64(*i),
-            AMQPValue::ShortShortUInt(u) => visitor.visit_u64(u64::from(*u)),
-            AMQPValue::ShortUInt(u) => visitor.visit_u64(u64::from(*u)),
-            AMQPValue::LongUInt(u) => visitor.visit_u64(u64::from(*u)),
-            AMQPValue::Timestamp(t) => visitor.visit_u64(*t),
-            AMQPValue::Float(f) => visitor.visit_f64(finite(float32_to_f64(*f))?),
-            AMQPValue::Double(d) => visitor.visit_f64(finite(*d)?),
-            AMQPValue::DecimalValue(d) => visitor.visit_string(decimal_to_string(*d)),
-            AMQPValue::ShortString(s) => visitor.visit_borrowed_str(s.as_str()),
-            AMQPValue::LongString(s) => visitor.visit_borrowed_str(long_string_str(s)?),
+            AMQPValue::FieldArray(items) => visit_array(items.as_slice(), self.depth, visitor),
+            AMQPValue::FieldTable(table) => visit_table(table, self.depth, visitor),
             AMQPValue::ByteArray(bytes) => {
                 enter(self.depth)?;
                 let mut seq = SeqDeserializer::new(bytes.as_slice().iter().copied());
@@ -141,22 +174,7 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
                 seq.end()?;
                 Ok(value)
             }
-            AMQPValue::FieldArray(items) => {
-                let mut access = ArrayAccess {
-                    items: items.as_slice().iter(),
-                    depth: enter(self.depth)?,
-                };
-                let value = visitor.visit_seq(&mut access)?;
-                if access.items.len() == 0 {
-                    Ok(value)
-                } else {
-                    Err(de::Error::invalid_length(
-                        items.as_slice().len(),
-                        &"fewer elements",
-                    ))
-                }
-            }
-            AMQPValue::FieldTable(table) => visit_table(table, self.depth, visitor),
+            scalar => visit_scalar(scalar, visitor),
         }
     }
 

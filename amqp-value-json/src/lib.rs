@@ -87,9 +87,11 @@
 //! [`to_table`] and [`from_table`] are a `serde::Serializer` and a
 //! `serde::Deserializer` over the AMQP types and follow the rules above:
 //! `to_table(x)` gives the same table as `to_field_table` on
-//! `serde_json::to_value(x)` (except that non-finite floats are an error
-//! rather than `null`), and deserializing into `serde_json::Value` gives what
-//! [`from_amqp_value`] gives. In addition:
+//! `serde_json::to_value(x)`, and deserializing into `serde_json::Value` gives
+//! what [`from_amqp_value`] gives. The exceptions: non-finite floats are an
+//! error rather than `null`, serde byte strings become `ByteArray` rather than
+//! an array of numbers, and bool or float map keys are refused with
+//! [`Error::KeyNotString`]. In addition:
 //!
 //! - Rust integers of every width become `LongLongInt` (`Timestamp` above
 //!   `i64::MAX`); `i128`/`u128` outside `i64::MIN..=u64::MAX` are
@@ -108,9 +110,13 @@
 //!
 //! All conversions recurse once per nested array or table and stop with
 //! [`Error::TooDeep`] beyond [`MAX_DEPTH`] (256) levels, so no input can
-//! overflow the stack here. (Values nested thousands of levels deep can still
-//! overflow the stack when they are *dropped* or encoded by other code; keep
-//! wire input bounded by the frame size.)
+//! overflow the stack here. At the limit, measured in an unoptimized build,
+//! the value functions use under 768 KiB of stack and the serde path into
+//! `serde_json::Value` under 1 MiB (under 256 KiB each when optimized): within
+//! the 2 MiB of a default spawned or tokio worker thread. (Values nested thousands of levels
+//! deep can still overflow the stack when they are *dropped*, or encoded and
+//! parsed by the AMQP codec, which has no depth limit: the frame size bounds
+//! that input.)
 //!
 //! # Layout
 //!

@@ -21,7 +21,7 @@ pub const MAX_DEPTH: usize = 256;
 
 /// Map a JSON value to the AMQP field value that carries it.
 ///
-/// See the [crate documentation](crate#json--amqp) for the rules.
+/// See the [crate documentation](crate#json---amqp) for the rules.
 ///
 /// # Errors
 ///
@@ -42,7 +42,7 @@ pub fn to_field_table(object: &Map<String, Value>) -> Result<FieldTable, Error> 
 
 /// Map an AMQP field value to JSON.
 ///
-/// Every variant has a rule, listed in the [crate documentation](crate#amqp--json).
+/// Every variant has a rule, listed in the [crate documentation](crate#amqp---json).
 ///
 /// # Errors
 ///
@@ -74,22 +74,36 @@ pub(crate) fn enter(depth: usize) -> Result<usize, Error> {
     }
 }
 
+// The recursive functions keep only the containers in their own frame and
+// leave scalars to separate functions: unoptimized builds give a function one
+// stack slot per temporary of every match arm, and these frames repeat once
+// per nesting level.
 fn json_to_amqp(value: &Value, depth: usize) -> Result<AMQPValue, Error> {
-    Ok(match value {
-        Value::Null => AMQPValue::Void,
-        Value::Bool(b) => AMQPValue::Boolean(*b),
-        Value::Number(n) => number_to_amqp(n)?,
-        Value::String(s) => string_to_amqp(s),
+    match value {
         Value::Array(items) => {
             let depth = enter(depth)?;
-            let items = items
-                .iter()
-                .map(|item| json_to_amqp(item, depth))
-                .collect::<Result<Vec<_>, _>>()?;
-            AMQPValue::FieldArray(FieldArray::from(items))
+            let mut array = Vec::with_capacity(items.len());
+            for item in items {
+                array.push(json_to_amqp(item, depth)?);
+            }
+            Ok(AMQPValue::FieldArray(FieldArray::from(array)))
         }
-        Value::Object(object) => AMQPValue::FieldTable(object_to_table(object, enter(depth)?)?),
-    })
+        Value::Object(object) => Ok(AMQPValue::FieldTable(object_to_table(
+            object,
+            enter(depth)?,
+        )?)),
+        scalar => json_scalar_to_amqp(scalar, depth),
+    }
+}
+
+fn json_scalar_to_amqp(value: &Value, depth: usize) -> Result<AMQPValue, Error> {
+    match value {
+        Value::Null => Ok(AMQPValue::Void),
+        Value::Bool(b) => Ok(AMQPValue::Boolean(*b)),
+        Value::Number(n) => number_to_amqp(n),
+        Value::String(s) => Ok(string_to_amqp(s)),
+        Value::Array(_) | Value::Object(_) => json_to_amqp(value, depth),
+    }
 }
 
 fn object_to_table(object: &Map<String, Value>, depth: usize) -> Result<FieldTable, Error> {
@@ -147,6 +161,25 @@ fn number_to_amqp(n: &Number) -> Result<AMQPValue, Error> {
 }
 
 fn amqp_to_json(value: &AMQPValue, depth: usize) -> Result<Value, Error> {
+    match value {
+        AMQPValue::FieldArray(items) => {
+            let depth = enter(depth)?;
+            let mut array = Vec::with_capacity(items.as_slice().len());
+            for item in items.as_slice() {
+                array.push(amqp_to_json(item, depth)?);
+            }
+            Ok(Value::Array(array))
+        }
+        AMQPValue::FieldTable(table) => Ok(Value::Object(table_to_object(table, enter(depth)?)?)),
+        AMQPValue::ByteArray(bytes) => {
+            enter(depth)?;
+            Ok(byte_array_to_json(bytes))
+        }
+        scalar => amqp_scalar_to_json(scalar, depth),
+    }
+}
+
+fn amqp_scalar_to_json(value: &AMQPValue, depth: usize) -> Result<Value, Error> {
     Ok(match value {
         AMQPValue::Void => Value::Null,
         AMQPValue::Boolean(b) => Value::Bool(*b),
@@ -163,21 +196,9 @@ fn amqp_to_json(value: &AMQPValue, depth: usize) -> Result<Value, Error> {
         AMQPValue::DecimalValue(d) => Value::String(decimal_to_string(*d)),
         AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => Value::String(long_string_str(s)?.to_owned()),
-        AMQPValue::ByteArray(bytes) => {
-            enter(depth)?;
-            byte_array_to_json(bytes)
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) | AMQPValue::ByteArray(_) => {
+            return amqp_to_json(value, depth);
         }
-        AMQPValue::FieldArray(items) => {
-            let depth = enter(depth)?;
-            Value::Array(
-                items
-                    .as_slice()
-                    .iter()
-                    .map(|item| amqp_to_json(item, depth))
-                    .collect::<Result<_, _>>()?,
-            )
-        }
-        AMQPValue::FieldTable(table) => Value::Object(table_to_object(table, enter(depth)?)?),
     })
 }
 

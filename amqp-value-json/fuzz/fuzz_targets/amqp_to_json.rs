@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(Error::InvalidUtf8 { .. } | Error::NonFiniteFloat | Error::TooDeep { .. }) => {
             let typed = from_table::<Map<String, Value>>(&table);
-            assert!(typed.is_err(), "serde path accepted what the value path refused");
+            assert!(
+                typed.is_err(),
+                "serde path accepted what the value path refused"
+            );
         }
         Err(other) => panic!("unexpected error {other:?}"),
     }

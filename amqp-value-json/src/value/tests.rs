@@ -327,3 +327,24 @@ fn integer_objects_keep_order_independent_equality() {
     let value = json!({"z": 1, "a": 2, "m": [1, 2, 3]});
     assert_eq!(roundtrip(&value), value);
 }
+
+#[test]
+fn max_depth_fits_a_small_stack_even_unoptimized() {
+    // Guard against frame growth: both directions at the limit on a 1 MiB
+    // thread (half the default for spawned and tokio worker threads).
+    let handle = std::thread::Builder::new()
+        .stack_size(1024 * 1024)
+        .spawn(|| {
+            let value = nested_objects(MAX_DEPTH);
+            let amqp = to_amqp_value(&value).unwrap();
+            let back = from_amqp_value(&amqp).unwrap();
+            assert_eq!(back, value);
+            let value = nested_arrays(MAX_DEPTH);
+            assert_eq!(
+                from_amqp_value(&to_amqp_value(&value).unwrap()).unwrap(),
+                value
+            );
+        })
+        .unwrap();
+    handle.join().unwrap();
+}

@@ -1,0 +1,109 @@
+//! Mints a device JWT and prints it (only the token, for scripting).
+//!
+//! ```text
+//! mosaic-token --secret "$JWT_SECRET" --sub 6c1f...  --ttl 1h
+//! mosaic-token --key device-signing.pem --kid k1 --aud mosaic --iss ops
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use jsonwebtoken::Algorithm;
+use mosaic_tools::token::{self, KeySource, TokenSpec};
+use uuid::Uuid;
+
+/// Mint a device token (JWT) for the Mosaic gateway and print it on standard output.
+///
+/// The token's `sub` is the device UUID; the gateway accepts it when it is signed
+/// with the gateway's HMAC secret (JWT_SECRET) or with a private key whose public key
+/// is in the gateway's JWT_PUBLIC_KEYS, and when `aud`/`iss` match the gateway's
+/// JWT_AUDIENCE/JWT_ISSUER if those are set.
+///
+/// Examples:
+///
+///   mosaic-token --secret "$JWT_SECRET" --sub 0b7c6a8e-3f55-4a8f-9d53-2f4ad1a1f001 --ttl 1h
+///
+///   mosaic-token --key device-signing.pem --kid 2026-01 --aud mosaic --iss provisioning
+#[derive(Debug, Parser)]
+#[command(name = "mosaic-token", version, verbatim_doc_comment)]
+struct Args {
+    /// The device UUID (`sub`); a random one when absent.
+    #[arg(long)]
+    sub: Option<Uuid>,
+    /// HMAC secret (at least 32 bytes), as in the gateway's JWT_SECRET.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// A file holding the HMAC secret (one trailing newline is ignored); beats
+    /// --secret.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// A private key in PEM: RSA (RS256), EC P-256 in PKCS#8 (ES256) or Ed25519 in
+    /// PKCS#8 (EdDSA). Beats --secret and --secret-file.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The algorithm, when not the key's default: HS256, HS384, HS512, RS256, RS384,
+    /// RS512, PS256, ES256, ES384, EdDSA.
+    #[arg(long, value_parser = token::parse_algorithm)]
+    alg: Option<Algorithm>,
+    /// `kid` header: which of the gateway's keys verifies the token.
+    #[arg(long)]
+    kid: Option<String>,
+    /// `aud` claim (must match the gateway's JWT_AUDIENCE when it is set).
+    #[arg(long)]
+    aud: Option<String>,
+    /// `iss` claim (must match the gateway's JWT_ISSUER when it is set).
+    #[arg(long)]
+    iss: Option<String>,
+    /// Lifetime: 90s, 15m, 1h, 7d...
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    ttl: Duration,
+    /// Print the device UUID on a second line (handy with a random --sub).
+    #[arg(long)]
+    print_sub: bool,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match mosaic_tools::duration::parse(s) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+        Ok(_) => Err("the lifetime must be at least 1s".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(mosaic_runtime::config::from_process()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let source = KeySource {
+        key_file: args.key,
+        secret_file: args.secret_file,
+        secret: args.secret,
+        alg: args.alg,
+    };
+    let Some(signer) = source.signer()? else {
+        anyhow::bail!("give --secret, --secret-file or --key (see --help)");
+    };
+    let sub = args.sub.unwrap_or_else(Uuid::new_v4);
+    let spec = TokenSpec {
+        sub,
+        ttl: args.ttl,
+        kid: args.kid,
+        aud: args.aud,
+        iss: args.iss,
+    };
+    let mut out = token::mint(&signer, &spec)? + "\n";
+    if args.print_sub {
+        out.push_str(&format!("{sub}\n"));
+    }
+    // A closed pipe (`| head -1`) is not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+    Ok(())
+}
