@@ -74,7 +74,7 @@ impl Broker {
             amqp_url: amqp_url.trim_end_matches('/').to_owned(),
             mgmt_url: mgmt_url.trim_end_matches('/').to_owned(),
             amqp_addr,
-            http: reqwest::Client::new(),
+            http: mgmt_client(),
             _private: None,
         })
     }
@@ -148,7 +148,7 @@ impl Broker {
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp}"),
             mgmt_url: format!("http://127.0.0.1:{mgmt}"),
             amqp_addr: SocketAddr::from(([127, 0, 0, 1], amqp)),
-            http: reqwest::Client::new(),
+            http: mgmt_client(),
             _private: Some(Private {
                 watchdog_stdin: Mutex::new(stdin),
                 watchdog: Mutex::new(child),
@@ -313,6 +313,15 @@ fn http_ok(addr: SocketAddr, path: &str) -> bool {
     }
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains(" 200 ")
+}
+
+/// A management API client that keeps no idle connection: tests run on runtimes of
+/// their own, and a pooled connection dies with the runtime that opened it.
+fn mgmt_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("an HTTP client")
 }
 
 fn percent(s: &str) -> String {

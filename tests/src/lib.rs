@@ -8,6 +8,10 @@
 //!   uses the one named by `MOSAIC_TEST_AMQP_URL` / `MOSAIC_TEST_MGMT_URL` (the test
 //!   command starts one broker for the whole run and exports those). Each test takes a
 //!   fresh vhost with [`broker::Broker::vhost`].
+//! - [`device`]: a test device, a real WebSocket client with bounded receives.
+//! - [`token`]: device JWTs signed with the test keys (HMAC, RSA, P-256, Ed25519).
+//! - [`hive`]: a real HTTP server standing in for Hive: records every request and
+//!   answers from a programmable script.
 //! - [`proxy`]: a TCP proxy that can cut every connection and refuse new ones, to
 //!   play a broker outage.
 //! - [`wait`]: "eventually" helpers: poll a condition until it holds or a timeout ends.
@@ -18,7 +22,10 @@
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
 pub mod broker;
+pub mod device;
+pub mod hive;
 pub mod proxy;
+pub mod token;
 pub mod wait;
 
 pub use broker::{Broker, Vhost, broker};

@@ -1,1 +1,42 @@
-//! websocket-service: the device-facing gateway. Built in its own issue.
+//! websocket-service: devices hold authenticated WebSocket sessions; their events go
+//! to RabbitMQ with publisher confirms, and commands from RabbitMQ reach the socket
+//! of the device they name.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from flags and the environment.
+//! - [`auth`]: JWT verification against a fixed set of HMAC and public keys.
+//! - `server`: `GET /v1/connect`, the health routes, and [`run`] with its shutdown
+//!   sequence.
+//! - `session`: the task that owns one device's socket; `session::handshake` runs
+//!   in-band authentication, `session::inbound` handles the device's frames.
+//! - `registry`: which sessions this replica holds, and their outbound queues.
+//! - `broker`: the RabbitMQ connection, its supervisor, publishing with confirms and
+//!   the per-device bindings.
+//! - `command`: commands from this replica's queue, delivered to sessions.
+//! - `message`: the AMQP messages the gateway publishes.
+//! - [`metrics`]: every metric name of the service.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), websocket_service::Error> {
+//! let config: websocket_service::Config = mosaic_runtime::config::from_process();
+//! let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+//! websocket_service::run(config, listener, mosaic_runtime::signal::terminate()).await
+//! # }
+//! ```
+#![deny(missing_docs, missing_debug_implementations, unsafe_code)]
+
+pub mod auth;
+mod broker;
+mod command;
+pub mod config;
+mod gateway;
+mod message;
+pub mod metrics;
+mod registry;
+mod server;
+mod session;
+
+pub use broker::PublishError;
+pub use config::Config;
+pub use server::{Error, run};

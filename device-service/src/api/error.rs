@@ -1,0 +1,142 @@
+//! The one error shape of the REST API: `{"error":{"code","message"}}`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Error codes of the REST API.
+pub mod code {
+    /// No or a wrong bearer token.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The body is not what the endpoint takes.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// `{device}` is not a UUID.
+    pub const BAD_DEVICE_ID: &str = "bad_device_id";
+    /// The body uses a name the gateway builds the device frame from.
+    pub const RESERVED_FIELD: &str = "reserved_field";
+    /// The body is larger than `MAX_BODY_BYTES`.
+    pub const BODY_TOO_LARGE: &str = "body_too_large";
+    /// No gateway holds the device.
+    pub const DEVICE_NOT_CONNECTED: &str = "device_not_connected";
+    /// The device did not answer in time.
+    pub const DEVICE_TIMEOUT: &str = "device_timeout";
+    /// The device answered something that is not JSON.
+    pub const BAD_REPLY: &str = "bad_reply";
+    /// RabbitMQ cannot be reached or did not confirm in time.
+    pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
+    /// Too many requests wait for devices in this replica.
+    pub const OVERLOADED: &str = "overloaded";
+    /// No such route.
+    pub const NOT_FOUND: &str = "not_found";
+    /// The route exists, not with this method.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+}
+
+/// An API error: a status, a snake_case code and a message for Hive's developers.
+/// Internal detail is logged where the error arises, never put in the message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// One of [`code`].
+    pub code: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message of an error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// snake_case code, e.g. `device_not_connected`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 with [`code::BAD_REQUEST`].
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code::BAD_REQUEST, message)
+    }
+
+    /// 503 with [`code::BROKER_UNAVAILABLE`].
+    pub fn broker_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::BROKER_UNAVAILABLE,
+            "the message broker is unavailable; try again later",
+        )
+    }
+
+    /// 404 with [`code::DEVICE_NOT_CONNECTED`].
+    pub fn not_connected(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code::DEVICE_NOT_CONNECTED, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        let mut res = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                code::BODY_TOO_LARGE,
+                "the request body is too large",
+            );
+        }
+        ApiError::bad_request(r.body_text())
+    }
+}
+
+/// `axum::Json`, with its rejections in the API's error shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}

@@ -1,0 +1,268 @@
+//! The service's settings: every field is a flag mirrored by an environment variable.
+//!
+//! Parse with [`mosaic_runtime::config::parse`] (tests) or
+//! [`mosaic_runtime::config::from_process`] (main), then call [`Config::validate`]
+//! (`run` does it too). `RUST_LOG` is read by the log filter, not here.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use mosaic_runtime::config::ConfigError;
+use mosaic_runtime::telemetry::LogFormat;
+
+/// Shortest API token accepted, in bytes.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// device-service settings.
+#[derive(Clone, Parser)]
+#[command(name = "device-service", version, about)]
+pub struct Config {
+    /// RabbitMQ URL, vhost included (percent-encoded; `%2f` is `/`).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    /// Log format: `json` (one object a line) or `text`.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Address the REST API, health and metrics listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8081")]
+    pub listen_addr: SocketAddr,
+
+    /// Where every device message is POSTed (http or https URL).
+    #[arg(long, env = "HIVE_URL")]
+    pub hive_url: reqwest::Url,
+
+    /// When set, every POST carries `X-Mosaic-Signature` (HMAC-SHA256 with this secret).
+    #[arg(long, env = "HIVE_SIGNING_SECRET", hide_env_values = true)]
+    pub hive_signing_secret: Option<String>,
+
+    /// Comma-separated bearer tokens Hive may use on `/v1` (each at least 16 bytes).
+    #[arg(long, env = "API_TOKENS", hide_env_values = true)]
+    pub api_tokens: String,
+
+    /// Timeout of one POST to Hive, in milliseconds (connect, send and answer).
+    #[arg(long, env = "HIVE_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub hive_timeout_ms: u64,
+
+    /// How many deliveries to Hive may be in flight at once (also the AMQP prefetch).
+    #[arg(long, env = "HIVE_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    pub hive_concurrency: u16,
+
+    /// Attempts per message (in one replica) before it is dead-lettered.
+    #[arg(long, env = "HIVE_MAX_ATTEMPTS", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub hive_max_attempts: u32,
+
+    /// Age (since the gateway received it) after which a failing message is dead-lettered, in milliseconds.
+    #[arg(long, env = "HIVE_MAX_AGE_MS", default_value_t = 3_600_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hive_max_age_ms: u64,
+
+    /// First retry delay, in milliseconds; doubles with each attempt, with jitter.
+    #[arg(long, env = "RETRY_BASE_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub retry_base_ms: u64,
+
+    /// Longest delay between two attempts, in milliseconds.
+    #[arg(long, env = "RETRY_MAX_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub retry_max_ms: u64,
+
+    /// Largest accepted REST request body, in bytes (larger ones get 413).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u64).range(64..=64 * 1024 * 1024))]
+    pub max_body_bytes: u64,
+
+    /// Most requests waiting for a device's answer at once in this replica (503 beyond).
+    #[arg(long, env = "MAX_PENDING_REQUESTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_requests: u32,
+
+    /// Longest wait for the broker to confirm a publish, in milliseconds (503 beyond).
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub publish_timeout_ms: u64,
+
+    /// This replica's name in its reply queue; a random one when unset.
+    #[arg(long, env = "REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// On shutdown, how long in-flight deliveries and requests may take to finish, in milliseconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Longest wait between two attempts to reconnect to RabbitMQ, in milliseconds.
+    #[arg(long, env = "RECONNECT_MAX_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub reconnect_max_ms: u64,
+}
+
+impl fmt::Debug for Config {
+    /// Secrets, tokens and the broker URL (it may hold a password) are never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen_addr", &self.listen_addr)
+            .field("hive_url", &self.hive_url.as_str())
+            .field(
+                "hive_signing_secret",
+                &self.hive_signing_secret.as_ref().map(|_| "***"),
+            )
+            .field("api_tokens", &"***")
+            .field("hive_timeout_ms", &self.hive_timeout_ms)
+            .field("hive_concurrency", &self.hive_concurrency)
+            .field("hive_max_attempts", &self.hive_max_attempts)
+            .field("hive_max_age_ms", &self.hive_max_age_ms)
+            .field("retry_base_ms", &self.retry_base_ms)
+            .field("retry_max_ms", &self.retry_max_ms)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_pending_requests", &self.max_pending_requests)
+            .field("publish_timeout_ms", &self.publish_timeout_ms)
+            .field("replica_id", &self.replica_id)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Checks what clap cannot: the tokens, the Hive URL's scheme, the replica id.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tokens()?;
+        if !matches!(self.hive_url.scheme(), "http" | "https") {
+            return Err(ConfigError::new("HIVE_URL", "must be an http or https URL"));
+        }
+        if let Some(secret) = &self.hive_signing_secret
+            && secret.len() < MIN_TOKEN_BYTES
+        {
+            return Err(ConfigError::new(
+                "HIVE_SIGNING_SECRET",
+                format!("must have at least {MIN_TOKEN_BYTES} bytes"),
+            ));
+        }
+        if let Some(id) = &self.replica_id {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !ok {
+                return Err(ConfigError::new(
+                    "REPLICA_ID",
+                    "must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.'",
+                ));
+            }
+        }
+        if self.retry_base_ms > self.retry_max_ms {
+            return Err(ConfigError::new(
+                "RETRY_BASE_MS",
+                "must not be larger than RETRY_MAX_MS",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The API tokens, split and checked (at least one, each long enough).
+    pub fn tokens(&self) -> Result<Vec<&str>, ConfigError> {
+        let tokens: Vec<&str> = self
+            .api_tokens
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        if tokens.is_empty() {
+            return Err(ConfigError::new("API_TOKENS", "needs at least one token"));
+        }
+        if tokens.iter().any(|t| t.len() < MIN_TOKEN_BYTES) {
+            return Err(ConfigError::new(
+                "API_TOKENS",
+                format!("every token must have at least {MIN_TOKEN_BYTES} bytes"),
+            ));
+        }
+        Ok(tokens)
+    }
+
+    /// [`Config::hive_timeout_ms`] as a duration.
+    pub fn hive_timeout(&self) -> Duration {
+        Duration::from_millis(self.hive_timeout_ms)
+    }
+
+    /// [`Config::publish_timeout_ms`] as a duration.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// [`Config::shutdown_grace_ms`] as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mosaic_runtime::config::{Parsed, parse};
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut map: HashMap<String, String> = [
+            ("HIVE_URL", "http://127.0.0.1:1/hive"),
+            ("API_TOKENS", "0123456789abcdef0123"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in vars {
+            map.insert(k.to_string(), v.to_string());
+        }
+        match parse::<Config>(["device-service"], move |k| map.get(k).cloned())? {
+            Parsed::Run(c) => {
+                c.validate()?;
+                Ok(c)
+            }
+            Parsed::Print(_) => panic!("unexpected print"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.listen_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(c.hive_concurrency, 64);
+        assert_eq!(c.shutdown_grace_ms, 10_000);
+        assert_eq!(c.tokens().unwrap(), vec!["0123456789abcdef0123"]);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        for (var, value) in [
+            ("API_TOKENS", ""),
+            ("API_TOKENS", "short"),
+            ("API_TOKENS", "0123456789abcdef0123,short"),
+            ("HIVE_URL", "ftp://x/"),
+            ("HIVE_URL", "not a url"),
+            ("HIVE_CONCURRENCY", "0"),
+            ("REPLICA_ID", "a b"),
+            ("HIVE_SIGNING_SECRET", "tiny"),
+        ] {
+            let e = config(&[(var, value)]).unwrap_err();
+            assert_eq!(e.setting, var, "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = config(&[("HIVE_SIGNING_SECRET", "supersecretsupersecret")]).unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("supersecret"), "{text}");
+        assert!(!text.contains("0123456789abcdef0123"), "{text}");
+    }
+}

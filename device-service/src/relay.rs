@@ -1,0 +1,476 @@
+//! The relay: every message on the relay queue becomes a POST to Hive, acked only
+//! after Hive's 2xx or after it was safely dead-lettered.
+//!
+//! Each delivery runs in a task of its own, at most `HIVE_CONCURRENCY` at once (a
+//! semaphore, and the same number as the channel's prefetch). A message that fails
+//! with a retryable outcome waits inside its own task (exponential backoff with
+//! jitter, at least Hive's `Retry-After`) while the other tasks keep delivering, so a
+//! failing message never blocks the ones behind it; it only holds one of the slots.
+//! When Hive is down, every slot is waiting, the broker keeps the rest of the queue,
+//! and nothing spins: the delays are capped at `RETRY_MAX_MS`, not removed. Delivery
+//! resumes by itself at the next attempt after Hive is back.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Consumer};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::broker::{self, DEAD_LETTER_QUEUE, Link, Routed};
+use crate::hive::{self, Hive, Outcome};
+use crate::metrics;
+
+/// Dead-letter header: why the message was dead-lettered ([`reason`]).
+pub const REASON_HEADER: &str = "x-mosaic-reason";
+/// Dead-letter header: Hive's last HTTP status (0 when Hive never answered).
+pub const STATUS_HEADER: &str = "x-mosaic-status";
+/// Dead-letter header: how many POSTs were made.
+pub const ATTEMPTS_HEADER: &str = "x-mosaic-attempts";
+/// Dead-letter header: the last error, truncated.
+pub const LAST_ERROR_HEADER: &str = "x-mosaic-last-error";
+/// Dead-letter header: the original exchange.
+pub const EXCHANGE_HEADER: &str = "x-mosaic-exchange";
+/// Dead-letter header: the original routing key.
+pub const ROUTING_KEY_HEADER: &str = "x-mosaic-routing-key";
+
+/// Values of [`REASON_HEADER`].
+pub mod reason {
+    /// Hive answered a status that is not retried (4xx other than 408 and 429, 3xx).
+    pub const REJECTED: &str = "rejected";
+    /// Retryable failures went on past `HIVE_MAX_ATTEMPTS` or `HIVE_MAX_AGE_MS`.
+    pub const EXHAUSTED: &str = "exhausted";
+    /// The message cannot be turned into a POST (no message id, headers or body not JSON).
+    pub const MALFORMED: &str = "malformed";
+}
+
+/// When to try again and when to give up.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// First delay.
+    pub base: Duration,
+    /// Longest delay.
+    pub max: Duration,
+    /// Attempts before giving up.
+    pub max_attempts: u32,
+    /// Age (since the gateway received the message) after which a failing message is given up.
+    pub max_age: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay after attempt `attempt` (1-based): `base * 2^(attempt-1)`, capped at
+    /// `max`, then a random point in its upper half (jitter), then at least
+    /// `retry_after` (itself capped at `max_age`).
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(
+                1u32.checked_shl(attempt.saturating_sub(1))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(self.max);
+        let half = exp / 2;
+        let jittered = half + rand::rng().random_range(Duration::ZERO..=exp - half);
+        match retry_after {
+            Some(ra) => jittered.max(ra.min(self.max_age)),
+            None => jittered,
+        }
+    }
+
+    /// Whether to stop retrying after `attempts` POSTs, for a message this old.
+    pub fn exhausted(&self, attempts: u32, age: Duration) -> bool {
+        attempts >= self.max_attempts || age >= self.max_age
+    }
+}
+
+/// What every delivery task needs.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The HTTP client towards Hive.
+    pub hive: Hive,
+    /// Retry policy.
+    pub policy: RetryPolicy,
+    /// Slots for deliveries in flight.
+    pub slots: Arc<Semaphore>,
+    /// Tracks every delivery task, for the shutdown drain.
+    pub tasks: TaskTracker,
+    /// Cancelled at shutdown: waiting tasks hand their message back at once.
+    pub shutdown: CancellationToken,
+    /// Bound on broker round trips (dead-letter publish).
+    pub publish_timeout: Duration,
+}
+
+impl Relay {
+    /// Takes deliveries from `consumer` until it ends (connection lost, consumer
+    /// cancelled) or `stop` is cancelled, each in its own task.
+    pub async fn consume(&self, mut consumer: Consumer, link: Arc<Link>, stop: CancellationToken) {
+        loop {
+            let permit = tokio::select! {
+                p = self.slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = stop.cancelled() => return,
+            };
+            let delivery = tokio::select! {
+                d = consumer.next() => d,
+                _ = stop.cancelled() => return,
+            };
+            let delivery = match delivery {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    warn!(error = %e, "relay consumer failed");
+                    return;
+                }
+                None => {
+                    info!("relay consumer ended");
+                    return;
+                }
+            };
+            let this = self.clone();
+            let link = link.clone();
+            let stop = stop.clone();
+            let span = tracing::info_span!(
+                "delivery",
+                routing_key = %delivery.routing_key,
+                redelivered = delivery.redelivered,
+            );
+            self.tasks.spawn(
+                async move {
+                    this.deliver(delivery, &link, &stop).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// Delivers one message: POST until 2xx, dead-letter, or shutdown. `link_lost` is
+    /// cancelled when the connection the message came on is gone: the broker has
+    /// requeued it already, so the task lets it go.
+    async fn deliver(&self, delivery: Delivery, link: &Link, link_lost: &CancellationToken) {
+        let headers = delivery.properties.headers().as_ref();
+        let message_id = header_str(headers, "message_id")
+            .map(str::to_owned)
+            .or_else(|| {
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string())
+            });
+        let Some(message_id) = message_id else {
+            let error = "the message has no message_id";
+            return self
+                .dead_letter(&delivery, link, Failure::malformed(error), link_lost)
+                .await;
+        };
+        let body = match hive::body(headers, &delivery.data) {
+            Ok(b) => b,
+            Err(e) => {
+                return self
+                    .dead_letter(
+                        &delivery,
+                        link,
+                        Failure::malformed(e.to_string()),
+                        link_lost,
+                    )
+                    .await;
+            }
+        };
+        let first_seen = SystemTime::now();
+        let received_at = header_str(headers, "received_at").and_then(parse_rfc3339);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let started = std::time::Instant::now();
+            let outcome = self.hive.post(&message_id, body.clone()).await;
+            metrics::hive_attempt(outcome.label(), started.elapsed());
+            match outcome {
+                Outcome::Delivered => {
+                    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                        // The broker will deliver it again: at least once.
+                        warn!(message_id, error = %e, "ack after delivery failed");
+                    }
+                    debug!(message_id, attempts, "delivered");
+                    metrics::delivery_finished("delivered");
+                    return;
+                }
+                Outcome::Rejected { status, error } => {
+                    info!(
+                        message_id,
+                        status, attempts, "Hive refused the message; dead-lettering"
+                    );
+                    return self
+                        .dead_letter(
+                            &delivery,
+                            link,
+                            Failure {
+                                why: reason::REJECTED,
+                                status,
+                                attempts,
+                                error,
+                            },
+                            link_lost,
+                        )
+                        .await;
+                }
+                Outcome::Retry {
+                    status,
+                    retry_after,
+                    error,
+                } => {
+                    let now = SystemTime::now();
+                    let age = now
+                        .duration_since(received_at.unwrap_or(first_seen))
+                        .unwrap_or_default();
+                    if self.policy.exhausted(attempts, age) {
+                        warn!(
+                            message_id,
+                            attempts,
+                            ?age,
+                            error,
+                            "giving up; dead-lettering"
+                        );
+                        return self
+                            .dead_letter(
+                                &delivery,
+                                link,
+                                Failure {
+                                    why: reason::EXHAUSTED,
+                                    status: status.unwrap_or(0),
+                                    attempts,
+                                    error,
+                                },
+                                link_lost,
+                            )
+                            .await;
+                    }
+                    let delay = self.policy.delay(attempts, retry_after);
+                    info!(
+                        message_id,
+                        attempts,
+                        status,
+                        ?delay,
+                        error,
+                        "Hive failed; retrying"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {
+                            requeue(&delivery, &message_id).await;
+                            return;
+                        }
+                        _ = link_lost.cancelled() => {
+                            debug!(message_id, "connection lost; the broker redelivers the message");
+                            metrics::delivery_finished("requeued");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes a copy to the dead-letter queue (confirmed), then acks the original.
+    /// When that publish fails, the original goes back to the queue after a pause.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        link: &Link,
+        failure: Failure,
+        link_lost: &CancellationToken,
+    ) {
+        let Failure {
+            why,
+            status,
+            attempts,
+            error,
+        } = failure;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut set = |k: &str, v: AMQPValue| {
+            if let Ok(k) = ShortString::try_new(k.to_owned()) {
+                headers.insert(k, v);
+            }
+        };
+        set(REASON_HEADER, long(why));
+        set(STATUS_HEADER, AMQPValue::LongLongInt(i64::from(status)));
+        set(ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempts)));
+        set(LAST_ERROR_HEADER, long(truncate(&error, 1024)));
+        set(EXCHANGE_HEADER, long(delivery.exchange.as_str()));
+        set(ROUTING_KEY_HEADER, long(delivery.routing_key.as_str()));
+        let mut props = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(id) = delivery.properties.message_id() {
+            props = props.with_message_id(id.clone());
+        }
+        let res = broker::publish(
+            &link.publish,
+            "",
+            DEAD_LETTER_QUEUE,
+            true,
+            &delivery.data,
+            props,
+            self.publish_timeout,
+        )
+        .await;
+        match res {
+            Ok(Routed::Yes) => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    warn!(error = %e, "ack after dead-lettering failed");
+                }
+                metrics::dead_lettered(why);
+                metrics::delivery_finished("dead_lettered");
+            }
+            Ok(Routed::Returned) | Err(_) => {
+                let error = match res {
+                    Err(e) => e.to_string(),
+                    _ => "the dead-letter queue is missing".to_owned(),
+                };
+                warn!(error, "cannot dead-letter; handing the message back later");
+                tokio::select! {
+                    _ = tokio::time::sleep(self.policy.max) => {}
+                    _ = self.shutdown.cancelled() => {}
+                    _ = link_lost.cancelled() => {}
+                }
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                metrics::delivery_finished("requeued");
+            }
+        }
+    }
+}
+
+/// Why a message goes to the dead-letter queue.
+#[derive(Debug)]
+struct Failure {
+    why: &'static str,
+    status: u16,
+    attempts: u32,
+    error: String,
+}
+
+impl Failure {
+    fn malformed(error: impl Into<String>) -> Self {
+        Failure {
+            why: reason::MALFORMED,
+            status: 0,
+            attempts: 0,
+            error: error.into(),
+        }
+    }
+}
+
+async fn requeue(delivery: &Delivery, message_id: &str) {
+    debug!(message_id, "shutting down; handing the message back");
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
+    metrics::delivery_finished("requeued");
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A string header's value.
+pub fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
+    let value = headers?.inner().iter().find(|(k, _)| k.as_str() == key)?.1;
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            max_attempts: 5,
+            max_age: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn delays_grow_jittered_and_capped() {
+        let p = policy();
+        for _ in 0..50 {
+            let d1 = p.delay(1, None);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+            let d3 = p.delay(3, None);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+            let d40 = p.delay(40, None);
+            assert!(d40 >= Duration::from_millis(2500) && d40 <= Duration::from_secs(5));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_up_to_max_age() {
+        let p = policy();
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(600))),
+            Duration::from_secs(60)
+        );
+        assert!(p.delay(1, Some(Duration::ZERO)) >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn gives_up_on_attempts_or_age() {
+        let p = policy();
+        assert!(!p.exhausted(4, Duration::from_secs(59)));
+        assert!(p.exhausted(5, Duration::ZERO));
+        assert!(p.exhausted(1, Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn headers_read_as_strings() {
+        let mut t = FieldTable::default();
+        t.insert("a".into(), long("x"));
+        t.insert("n".into(), AMQPValue::LongLongInt(1));
+        assert_eq!(header_str(Some(&t), "a"), Some("x"));
+        assert_eq!(header_str(Some(&t), "n"), None);
+        assert_eq!(header_str(None, "a"), None);
+        assert!(parse_rfc3339("2026-01-02T03:04:05.123456Z").is_some());
+    }
+}

@@ -1,0 +1,209 @@
+//! RabbitMQ -> device: events, broadcast, requests and responses, takeover.
+
+use mosaic_tests::device::{Device, Ended};
+use mosaic_tests::{broker, eventually};
+use serde_json::json;
+
+use crate::{Gateway, Hive, Observer, WAIT, command_bindings, device};
+
+#[tokio::test]
+async fn commands_reach_only_their_device_and_broadcast_reaches_all() {
+    let vh = broker().vhost("ws-cmd").await;
+    let gw = Gateway::start(&vh.amqp_url, &[]).await;
+    let hive = Hive::new(&vh.amqp_url).await;
+    let (a, ta) = device();
+    let (_b, tb) = device();
+    let (mut da, _) = Device::connect(gw.addr, &ta).await;
+    let (mut db, _) = Device::connect(gw.addr, &tb).await;
+
+    let id = hive.event(a, "reboot", json!({"in": 5})).await;
+    let f = da.recv().await;
+    assert_eq!(
+        f,
+        json!({"type":"event","id":id,"name":"reboot","data":{"in":5}})
+    );
+
+    let headers = json!({"kind":"event","id":"b-1","name":"notice","prio":3});
+    hive.publish("broadcast", headers, json!("hi"), Default::default())
+        .await;
+    for d in [&mut da, &mut db] {
+        let f = d.recv().await;
+        assert_eq!(
+            f,
+            json!({"type":"event","id":"b-1","name":"notice","prio":3,"data":"hi"})
+        );
+    }
+    // `a` got nothing else: its next frame is the answer to a probe event.
+    da.send(&json!({"type":"event","name":"probe","id":"p"}))
+        .await;
+    assert_eq!(da.recv().await, json!({"type":"ack","id":"p"}));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_is_answered_once_to_its_requester() {
+    let vh = broker().vhost("ws-req").await;
+    let gw = Gateway::start(&vh.amqp_url, &[]).await;
+    let mut hive = Hive::new(&vh.amqp_url).await;
+    let (dev, tok) = device();
+    let (mut d, welcome) = Device::connect(gw.addr, &tok).await;
+
+    let id = hive.request(dev, "read", json!({"reg": 1}), 10_000).await;
+    let f = d.recv().await;
+    assert_eq!(f["type"], "request");
+    assert_eq!(f["id"], id);
+    assert_eq!(f["name"], "read");
+    assert_eq!(f["data"], json!({"reg": 1}));
+    assert!(f["deadline"].as_str().is_some());
+
+    d.send(&json!({"type":"response","request_id":id,"status":"ok","data":{"v":42}}))
+        .await;
+    let r = hive.reply().await;
+    assert_eq!(r.props.correlation_id().as_ref().unwrap().as_str(), id);
+    assert_eq!(r.headers["kind"], "response");
+    assert_eq!(r.headers["status"], "ok");
+    assert_eq!(r.headers["device"], dev.to_string());
+    assert_eq!(r.headers["session"], welcome["session"]);
+    assert_eq!(r.body, json!({"v":42}));
+
+    // Twice, or for a request never sent: unknown_request.
+    d.send(&json!({"type":"response","request_id":id,"status":"ok"}))
+        .await;
+    assert_eq!(d.recv().await["code"], "unknown_request");
+    d.send(&json!({"type":"response","request_id":"made-up","status":"ok"}))
+        .await;
+    assert_eq!(d.recv().await["code"], "unknown_request");
+
+    // After its deadline: unknown_request, and nothing reaches the requester.
+    let late = hive.request(dev, "slow", json!(null), 300).await;
+    assert_eq!(d.recv().await["id"], late);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    d.send(&json!({"type":"response","request_id":late,"status":"ok"}))
+        .await;
+    assert_eq!(d.recv().await["code"], "unknown_request");
+
+    // Pending when the device leaves: the requester learns at once.
+    let id = hive.request(dev, "never", json!(null), 60_000).await;
+    assert_eq!(d.recv().await["id"], id);
+    d.close().await;
+    let r = hive.reply().await;
+    assert_eq!(r.props.correlation_id().as_ref().unwrap().as_str(), id);
+    assert_eq!(r.headers["kind"], "undeliverable");
+    assert_eq!(r.headers["reason"], "device_disconnected");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bindings_follow_connected_devices() {
+    let vh = broker().vhost("ws-bind").await;
+    let gw = Gateway::start(&vh.amqp_url, &[]).await;
+    let (dev, tok) = device();
+    let key = format!("device.{dev}");
+    let (d, _) = Device::connect(gw.addr, &tok).await;
+    let keys = command_bindings(&vh.name).await;
+    assert!(keys.contains(&key), "{keys:?}");
+    assert!(keys.contains(&"broadcast".to_owned()), "{keys:?}");
+    d.close().await;
+    eventually(WAIT, "the device binding to go", || async {
+        (!command_bindings(&vh.name).await.contains(&key)).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_connection_replaces_the_old_on_the_same_replica() {
+    let vh = broker().vhost("ws-replace").await;
+    let gw = Gateway::start(&vh.amqp_url, &[]).await;
+    let mut life = Observer::bind(&vh.amqp_url, "mosaic.events", "lifecycle.*.disconnected").await;
+    let hive = Hive::new(&vh.amqp_url).await;
+    let (dev, tok) = device();
+    let (mut old, _) = Device::connect(gw.addr, &tok).await;
+    let (mut new, _) = Device::connect(gw.addr, &tok).await;
+    let (_, ended) = old.ended_within(WAIT).await;
+    assert_eq!(ended, Ended::Close(4409, "replaced".into()));
+    assert_eq!(life.next().await.headers["reason"], "replaced");
+    // The new session still receives commands (the old one did not unbind it).
+    let id = hive.event(dev, "hello", json!(1)).await;
+    assert_eq!(new.recv().await["id"], id);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_route_commands_and_the_newest_session_wins() {
+    let vh = broker().vhost("ws-two").await;
+    let a = Gateway::start(&vh.amqp_url, &[]).await;
+    let b = Gateway::start(&vh.amqp_url, &[]).await;
+    let mut life = Observer::bind(&vh.amqp_url, "mosaic.events", "lifecycle.*.disconnected").await;
+    let hive = Hive::new(&vh.amqp_url).await;
+    let (dev, tok) = device();
+    let (mut on_b, wb) = Device::connect(b.addr, &tok).await;
+    let (other, to) = device();
+    let (mut other_on_a, _) = Device::connect(a.addr, &to).await;
+
+    let id = hive.event(dev, "to-b", json!("x")).await;
+    assert_eq!(on_b.recv().await["id"], id);
+    let id2 = hive.event(other, "to-a", json!("y")).await;
+    assert_eq!(other_on_a.recv().await["id"], id2);
+
+    // Reconnect to A: B's session is replaced with 4409.
+    let (mut on_a, wa) = Device::connect(a.addr, &tok).await;
+    let (_, ended) = on_b.ended_within(WAIT).await;
+    assert_eq!(ended, Ended::Close(4409, "replaced".into()));
+    let g = life.next().await;
+    assert_eq!(g.headers["reason"], "replaced");
+    assert_eq!(g.headers["session"], wb["session"]);
+    assert_ne!(wa["session"], wb["session"]);
+    // Commands now reach A only, once.
+    let id3 = hive.event(dev, "to-a-now", json!("z")).await;
+    assert_eq!(on_a.recv().await["id"], id3);
+    on_a.send(&json!({"type":"event","name":"probe","id":"p"}))
+        .await;
+    assert_eq!(on_a.recv().await, json!({"type":"ack","id":"p"}));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn takeover_notices_settle_who_holds_a_device() {
+    let vh = broker().vhost("ws-takeover").await;
+    let gw = Gateway::start(&vh.amqp_url, &[]).await;
+    let hive = Hive::new(&vh.amqp_url).await;
+    let older = uuid::Uuid::now_v7();
+    let (dev, tok) = device();
+    let mut notices =
+        Observer::bind(&vh.amqp_url, "mosaic.commands", &format!("device.{dev}")).await;
+    let (mut d, welcome) = Device::connect(gw.addr, &tok).await;
+    let own = notices.next().await;
+    assert_eq!(own.headers["kind"], "takeover");
+    assert_eq!(own.headers["session"], welcome["session"]);
+    let gateway = own.headers["gateway"].clone();
+
+    // An older session elsewhere announces itself late: this gateway answers with its
+    // own notice, so the other one closes.
+    let elsewhere = uuid::Uuid::new_v4().to_string();
+    let notice = |session: uuid::Uuid| json!({"kind":"takeover","device":dev.to_string(),"session":session.to_string(),"gateway":elsewhere});
+    hive.publish(
+        &format!("device.{dev}"),
+        notice(older),
+        json!(null),
+        Default::default(),
+    )
+    .await;
+    notices.next().await; // the notice just published
+    let again = notices.next().await;
+    assert_eq!(again.headers["session"], welcome["session"]);
+    assert_eq!(again.headers["gateway"], gateway);
+
+    // A newer session elsewhere: this one is replaced.
+    hive.publish(
+        &format!("device.{dev}"),
+        notice(uuid::Uuid::now_v7()),
+        json!(null),
+        Default::default(),
+    )
+    .await;
+    let (_, ended) = d.ended_within(WAIT).await;
+    assert_eq!(ended, Ended::Close(4409, "replaced".into()));
+    gw.stop().await;
+}

@@ -1,0 +1,271 @@
+//! Idle-connection bench: starts the release gateway as its own process, opens N
+//! authenticated WebSocket connections to it over loopback, and prints the
+//! gateway's resident memory per connection and the connect rate.
+//!
+//! ```sh
+//! cargo build --release -p websocket-service
+//! BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f BENCH_CONNECTIONS=10000 \
+//!     cargo bench -p websocket-service --bench connections
+//! ```
+//!
+//! Settings (environment): `BENCH_AMQP_URL` (a running RabbitMQ; default the local
+//! one), `BENCH_CONNECTIONS` (N, default 1000, at most 19000), `BENCH_CONCURRENCY`
+//! (connects in flight, default 256), `BENCH_GATEWAY` (the gateway binary; default
+//! the workspace's `target/release/websocket-service`). Loopback only; every wait is
+//! bounded.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use jsonwebtoken::{EncodingKey, Header};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+const SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
+const MAX_CONNECTIONS: usize = 19_000;
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU time (user + system) of `pid` in seconds, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident memory of `pid` in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Gateway(Child);
+
+impl Gateway {
+    /// Sends SIGTERM and waits (at most 30 s) for the process to exit; returns how
+    /// long it took, or `None` when it had to be killed.
+    fn terminate(&mut self) -> Option<Duration> {
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+fn token(device: uuid::Uuid) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({"sub": device.to_string(), "exp": exp});
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let n: usize = env_or("BENCH_CONNECTIONS", 1000).min(MAX_CONNECTIONS);
+    let concurrency: usize = env_or("BENCH_CONCURRENCY", 256);
+    let amqp: String = env_or(
+        "BENCH_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+    );
+    let default_bin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/release/websocket-service"
+    );
+    let bin: String = env_or("BENCH_GATEWAY", default_bin.to_owned());
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(&bin)
+        .env_clear()
+        .env("AMQP_URL", &amqp)
+        .env("LISTEN_ADDR", &addr)
+        .env("JWT_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .env("PING_INTERVAL_MS", "600000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start {bin}: {e} (build it with cargo build --release -p websocket-service)"
+            )
+        })?;
+    let pid = child.id();
+    let mut gateway = Gateway(child);
+
+    // Ready = connected to RabbitMQ.
+    let http = reqwest_lite(&addr);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if http.ready().await {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "gateway not ready in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+
+    let tokens: Vec<String> = (0..n).map(|_| token(uuid::Uuid::new_v4())).collect();
+    let limit = Arc::new(Semaphore::new(concurrency));
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024);
+    let cpu_before = cpu_secs(pid);
+    let client_before = cpu_secs(std::process::id());
+    let started = Instant::now();
+    let mut connecting = FuturesUnordered::new();
+    for t in tokens {
+        let permit = limit.clone().acquire_owned().await?;
+        let url = format!("ws://{addr}/v1/connect");
+        connecting.push(tokio::spawn(async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut().insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+            let res = tokio::time::timeout(STEP_TIMEOUT, async {
+                let (mut ws, _) =
+                    tokio_tungstenite::connect_async_with_config(req, Some(config), false)
+                        .await
+                        .ok()?;
+                // Wait for the welcome: the session is registered and bound.
+                match ws.next().await {
+                    Some(Ok(m)) if m.is_text() => Some(ws),
+                    _ => None,
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            drop(permit);
+            res
+        }));
+    }
+    let mut open = Vec::with_capacity(n);
+    let mut failed = 0usize;
+    while let Some(r) = connecting.next().await {
+        match r {
+            Ok(Some(ws)) => open.push(ws),
+            _ => failed += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_secs(pid) - cpu_before;
+    let client_cpu = cpu_secs(std::process::id()) - client_before;
+    // Let allocator and broker traffic settle before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid);
+    let per = (after.saturating_sub(before) as f64) / open.len().max(1) as f64;
+    println!("connections        {} open, {failed} failed", open.len());
+    println!(
+        "connect rate       {:.0} connections/s ({} in {:.2} s, {concurrency} in flight)",
+        open.len() as f64 / elapsed.as_secs_f64(),
+        open.len(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "gateway RSS        {before} KiB idle -> {after} KiB with {} connections",
+        open.len()
+    );
+    println!("RSS per connection {per:.1} KiB");
+    println!(
+        "gateway CPU        {:.0} µs per connect ({cpu:.2} s for {} connects; the bench client shares the machine)",
+        cpu * 1e6 / open.len().max(1) as f64,
+        open.len()
+    );
+    println!(
+        "bench client CPU   {:.0} µs per connect",
+        client_cpu * 1e6 / open.len().max(1) as f64
+    );
+    let sessions = open.len();
+    match gateway.terminate() {
+        Some(t) => println!(
+            "shutdown           SIGTERM to exit in {:.2} s with {sessions} sessions open",
+            t.as_secs_f64()
+        ),
+        None => println!("shutdown           did not exit within 30 s"),
+    }
+    drop(open);
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 GET of `/readyz`, to keep the bench's dependencies small.
+fn reqwest_lite(addr: &str) -> Ready {
+    Ready(addr.to_owned())
+}
+
+struct Ready(String);
+
+impl Ready {
+    async fn ready(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(&self.0),
+        )
+        .await
+        else {
+            return false;
+        };
+        let req = format!(
+            "GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.0
+        );
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+        buf.starts_with(b"HTTP/1.1 200")
+    }
+}

@@ -1,0 +1,312 @@
+//! Messages from this replica's command queue, delivered to the sessions they name.
+//!
+//! `kind` `event` or `request` becomes the device frame
+//! `{"type":<kind>, ...headers without kind, "data":<body>}` in the session's bounded
+//! outbound queue; routing key `broadcast` reaches every session here. A full queue
+//! closes the session with 4429 (slow consumer) instead of buffering more. A request
+//! that finds no session here, or a full queue, is answered `undeliverable` at once.
+//! `kind` `takeover` closes an older local session of the device with 4409.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use lapin::message::Delivery;
+use mosaic_protocol::close::DisconnectReason;
+use mosaic_protocol::command::{Kind, undeliverable};
+use mosaic_protocol::{exchange, header};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::gateway::Gateway;
+use crate::message;
+use crate::registry::{Outbound, Pending, RequestOut, SessionHandle};
+
+/// Deadline of a request that carries neither `deadline` nor `expiration`.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a request is remembered, whatever its deadline says.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn header_str<'a>(h: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(Value::as_str)
+}
+
+fn header_uuid(h: &Map<String, Value>, name: &str) -> Option<Uuid> {
+    header_str(h, name).and_then(|s| Uuid::parse_str(s).ok())
+}
+
+/// Handles one delivery from the replica queue. Never blocks.
+pub(crate) fn dispatch(gw: &Arc<Gateway>, d: Delivery) {
+    let headers = match d.properties.headers().as_ref() {
+        Some(t) => match amqp_value_json::from_field_table(t) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "command with unreadable headers dropped");
+                return;
+            }
+        },
+        None => Map::new(),
+    };
+    let Some(kind) = header_str(&headers, header::KIND).and_then(Kind::parse) else {
+        tracing::warn!(routing_key = %d.routing_key, "command without a known kind dropped");
+        return;
+    };
+    let key = d.routing_key.as_str();
+    let target = if key == exchange::BROADCAST_KEY {
+        None
+    } else if let Some(device) = key
+        .strip_prefix("device.")
+        .and_then(|s| Uuid::parse_str(s).ok())
+    {
+        Some(device)
+    } else {
+        tracing::warn!(routing_key = %key, "command with an unexpected routing key dropped");
+        return;
+    };
+    match kind {
+        Kind::Takeover => takeover(gw, &headers, target),
+        Kind::Event => {
+            let text = frame(kind, headers, &d.data, None);
+            match target {
+                Some(device) => {
+                    if let Some(h) = gw.registry.get(device) {
+                        let _ = offer(&h, Outbound::Event(text));
+                    }
+                }
+                None => {
+                    for h in gw.registry.handles() {
+                        let _ = offer(&h, Outbound::Event(text.clone()));
+                    }
+                }
+            }
+        }
+        Kind::Request => {
+            let Some(device) = target else {
+                tracing::warn!("broadcast request dropped: requests name one device");
+                return;
+            };
+            request(gw, device, headers, &d);
+        }
+    }
+}
+
+fn takeover(gw: &Arc<Gateway>, headers: &Map<String, Value>, target: Option<Uuid>) {
+    let (Some(device), Some(session)) = (target, header_uuid(headers, header::SESSION)) else {
+        return;
+    };
+    if header_uuid(headers, header::GATEWAY) == Some(gw.id) {
+        return;
+    }
+    let Some(h) = gw.registry.get(device) else {
+        return;
+    };
+    if h.session < session {
+        tracing::info!(%device, session = %h.session, newer = %session, "session replaced on another gateway");
+        h.control.close(DisconnectReason::Replaced);
+    } else if h.session > session {
+        // An older session elsewhere announced itself after ours: it may have bound its
+        // queue too late to hear our takeover, so announce ours again.
+        let origin = message::Origin {
+            device,
+            session: h.session,
+            gateway: gw.id,
+        };
+        gw.tracker
+            .spawn(gw.broker.publish(message::takeover(origin)));
+    }
+}
+
+fn frame(
+    kind: Kind,
+    headers: Map<String, Value>,
+    body: &[u8],
+    deadline: Option<String>,
+) -> Utf8Bytes {
+    let mut obj = Map::new();
+    obj.insert("type".into(), kind.as_str().into());
+    for (k, v) in headers {
+        if k != header::KIND {
+            obj.insert(k, v);
+        }
+    }
+    if let Some(deadline) = deadline {
+        obj.insert(header::DEADLINE.into(), deadline.into());
+    }
+    let data = serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+    obj.insert("data".into(), data);
+    Utf8Bytes::from(Value::Object(obj).to_string())
+}
+
+/// Queues `out` for the session; a full queue closes it as a slow consumer.
+fn offer(h: &SessionHandle, out: Outbound) -> Result<(), &'static str> {
+    match h.tx.try_send(out) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(_)) => {
+            h.control.close(DisconnectReason::SlowConsumer);
+            Err(undeliverable::DEVICE_BUSY)
+        }
+        Err(TrySendError::Closed(_)) => Err(undeliverable::DEVICE_DISCONNECTED),
+    }
+}
+
+/// Queues a request for its session, or answers it `undeliverable`; returns the
+/// reason when it did the latter.
+fn request(
+    gw: &Arc<Gateway>,
+    device: Uuid,
+    headers: Map<String, Value>,
+    d: &Delivery,
+) -> Option<&'static str> {
+    let id = header_str(&headers, header::ID)
+        .map(str::to_owned)
+        .or_else(|| {
+            d.properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string())
+        });
+    let reply_to = d.properties.reply_to().as_ref().map(|r| r.to_string());
+    let (Some(id), Some(reply_to)) = (id, reply_to) else {
+        tracing::warn!(%device, "request without id or reply_to dropped");
+        return None;
+    };
+    let now = OffsetDateTime::now_utc();
+    let deadline_at = header_str(&headers, header::DEADLINE)
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+        .or_else(|| {
+            let ms: u64 = d.properties.expiration().as_ref()?.as_str().parse().ok()?;
+            Some(now + Duration::from_millis(ms))
+        });
+    let (deadline_at, add_deadline) = match deadline_at {
+        Some(t) => (t, false),
+        None => (now + DEFAULT_REQUEST_TIMEOUT, true),
+    };
+    let left = Duration::try_from(deadline_at - now)
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_REQUEST_TIMEOUT);
+    let answer = |reason: &'static str| {
+        if let Some(m) = message::undeliverable(device, None, gw.id, &reply_to, &id, reason) {
+            gw.tracker.spawn(gw.broker.publish(m));
+        }
+        Some(reason)
+    };
+    let Some(h) = gw.registry.get(device) else {
+        if gw.registry.moved_recently(device) {
+            // Its new replica got this request too and answers it.
+            tracing::debug!(%device, "request for a device that moved to another gateway");
+            return None;
+        }
+        return answer(undeliverable::DEVICE_NOT_CONNECTED);
+    };
+    let text = frame(
+        Kind::Request,
+        headers,
+        &d.data,
+        add_deadline.then(|| message::rfc3339(deadline_at)),
+    );
+    let out = Outbound::Request(Box::new(RequestOut {
+        text,
+        pending: Pending {
+            id: id.clone().into(),
+            reply_to: reply_to.clone().into(),
+            deadline: Instant::now() + left,
+        },
+    }));
+    match offer(&h, out) {
+        Ok(()) => None,
+        Err(reason) => answer(reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Control, SessionHandle};
+    use clap::Parser;
+    use lapin::BasicProperties;
+    use serde_json::json;
+    use tokio::sync::mpsc;
+
+    fn gateway() -> Arc<Gateway> {
+        let config = crate::Config::try_parse_from([
+            "ws",
+            "--jwt-secret",
+            "unit-test-secret-0123456789-abcdefghij",
+        ])
+        .unwrap();
+        Arc::new(Gateway::new(&config).unwrap())
+    }
+
+    fn delivery(device: Uuid) -> (Map<String, Value>, Delivery) {
+        let mut d = Delivery::mock(
+            1,
+            "mosaic.commands".into(),
+            format!("device.{device}").into(),
+            false,
+            b"{}".to_vec(),
+        );
+        d.properties = BasicProperties::default()
+            .with_reply_to("replies".into())
+            .with_correlation_id("r-1".into());
+        let h = json!({"kind":"request","id":"r-1","name":"read"});
+        (h.as_object().unwrap().clone(), d)
+    }
+
+    #[tokio::test]
+    async fn requests_that_cannot_reach_their_device_are_answered() {
+        let gw = gateway();
+        let device = Uuid::new_v4();
+        let (h, d) = delivery(device);
+        assert_eq!(
+            request(&gw, device, h.clone(), &d),
+            Some(undeliverable::DEVICE_NOT_CONNECTED)
+        );
+        // A device that just moved to another replica: that replica answers.
+        gw.registry.mark_moved(device);
+        assert_eq!(request(&gw, device, h.clone(), &d), None);
+
+        // A session whose queue is full: `device_busy`, and it is closed.
+        let (tx, mut rx) = mpsc::channel(1);
+        let control = Arc::new(Control::default());
+        let handle = SessionHandle {
+            session: Uuid::now_v7(),
+            tx,
+            control: control.clone(),
+        };
+        gw.registry.insert(device, handle);
+        assert_eq!(request(&gw, device, h.clone(), &d), None);
+        assert_eq!(
+            request(&gw, device, h.clone(), &d),
+            Some(undeliverable::DEVICE_BUSY)
+        );
+        assert_eq!(control.closed().await, DisconnectReason::SlowConsumer);
+        let Some(Outbound::Request(req)) = rx.recv().await else {
+            panic!("the first request was queued");
+        };
+        assert_eq!(&*req.pending.reply_to, "replies");
+        let frame: Value = serde_json::from_str(req.text.as_str()).unwrap();
+        assert_eq!(frame["type"], "request");
+        assert!(frame["deadline"].as_str().is_some());
+    }
+
+    #[test]
+    fn a_command_becomes_a_device_frame() {
+        let headers = json!({"kind":"event","id":"u1","name":"reboot","prio":3});
+        let text = frame(
+            Kind::Event,
+            headers.as_object().unwrap().clone(),
+            br#"{"in":5}"#,
+            None,
+        );
+        let v: Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"event","id":"u1","name":"reboot","prio":3,"data":{"in":5}})
+        );
+    }
+}

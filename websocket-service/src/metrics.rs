@@ -1,0 +1,57 @@
+//! Metric names and the events that update them. Every metric of this service is
+//! named here and nowhere else.
+
+use metrics::{counter, gauge, histogram};
+
+/// Gauge: authenticated device sessions open on this replica.
+pub const CONNECTIONS: &str = "mosaic_ws_connections";
+/// Counter by `reason`: refused tokens and auth timeouts.
+pub const AUTH_FAILURES: &str = "mosaic_ws_auth_failures_total";
+/// Counter by `type`: frames received from devices.
+pub const FRAMES_IN: &str = "mosaic_ws_frames_in_total";
+/// Counter by `type`: frames sent to devices.
+pub const FRAMES_OUT: &str = "mosaic_ws_frames_out_total";
+/// Histogram, seconds: from publish to broker confirm.
+pub const PUBLISH_CONFIRM_SECONDS: &str = "mosaic_ws_publish_confirm_seconds";
+/// Counter by `code`: `nack` frames sent to devices.
+pub const NACKS: &str = "mosaic_ws_nacks_total";
+/// Counter by `code`: WebSocket close codes sent to devices.
+pub const CLOSES: &str = "mosaic_ws_closes_total";
+/// Counter by `outcome`: broker (re)connections (`connected`, `failed`, `lost`).
+pub const BROKER_CONNECTIONS: &str = "mosaic_ws_broker_connections_total";
+
+pub(crate) fn session_opened() {
+    gauge!(CONNECTIONS).increment(1.0);
+}
+
+pub(crate) fn session_closed() {
+    gauge!(CONNECTIONS).decrement(1.0);
+}
+
+pub(crate) fn auth_failure(reason: &'static str) {
+    counter!(AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+pub(crate) fn frame_in(kind: &'static str) {
+    counter!(FRAMES_IN, "type" => kind).increment(1);
+}
+
+pub(crate) fn frame_out(kind: &'static str) {
+    counter!(FRAMES_OUT, "type" => kind).increment(1);
+}
+
+pub(crate) fn confirm_latency(secs: f64) {
+    histogram!(PUBLISH_CONFIRM_SECONDS).record(secs);
+}
+
+pub(crate) fn nack(code: &'static str) {
+    counter!(NACKS, "code" => code).increment(1);
+}
+
+pub(crate) fn close(code: u16) {
+    counter!(CLOSES, "code" => code.to_string()).increment(1);
+}
+
+pub(crate) fn broker_connection(outcome: &'static str) {
+    counter!(BROKER_CONNECTIONS, "outcome" => outcome).increment(1);
+}

@@ -1,0 +1,203 @@
+//! Which device sessions this replica holds: `device -> session handle`.
+//!
+//! One entry per device. Registering a device that already has an entry returns the
+//! older handle so the caller can close it (4409 replaced); a session removes only its
+//! own entry, so a replaced session never unregisters its successor.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use mosaic_protocol::close::DisconnectReason;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// Something to write to one device, queued in its bounded outbound queue.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A ready `event` frame from Hive.
+    Event(Utf8Bytes),
+    /// A `request` frame; the session remembers it until answered or expired.
+    Request(Box<RequestOut>),
+}
+
+/// A request on its way to a device, with what is needed to answer the requester.
+#[derive(Debug)]
+pub(crate) struct RequestOut {
+    pub text: Utf8Bytes,
+    pub pending: Pending,
+}
+
+/// A request sent to a device and not yet answered.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The request id (the `correlation_id` of the answer).
+    pub id: Box<str>,
+    /// Where the answer goes (default exchange, this routing key).
+    pub reply_to: Box<str>,
+    /// Answers after this are refused with `unknown_request`.
+    pub deadline: Instant,
+}
+
+/// A way to ask a session to end, from outside its task.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    reason: AtomicU8,
+    notify: Notify,
+}
+
+const REASONS: [DisconnectReason; 3] = [
+    DisconnectReason::Replaced,
+    DisconnectReason::SlowConsumer,
+    DisconnectReason::Error,
+];
+
+impl Control {
+    /// Asks the session to end for `reason` (the first reason given wins).
+    pub fn close(&self, reason: DisconnectReason) {
+        let code = REASONS.iter().position(|r| *r == reason).unwrap_or(2) as u8 + 1;
+        let _ = self
+            .reason
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.notify.notify_one();
+    }
+
+    /// Resolves once [`Control::close`] was called, with its reason.
+    pub async fn closed(&self) -> DisconnectReason {
+        loop {
+            let code = self.reason.load(Ordering::Acquire);
+            if code != 0 {
+                return REASONS[(code - 1) as usize];
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The registry's view of one session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionHandle {
+    pub session: Uuid,
+    pub tx: mpsc::Sender<Outbound>,
+    pub control: Arc<Control>,
+}
+
+/// How long a device that moved to another replica is remembered.
+const MOVED_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+/// Above this many remembered moves, expired ones are pruned.
+const MOVED_PRUNE_AT: usize = 1024;
+
+/// Sessions held by this replica, by device.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    map: Mutex<HashMap<Uuid, SessionHandle>>,
+    /// Devices whose session here was taken over by another replica, and when: while
+    /// this replica's binding for them is being removed, a request may reach both
+    /// replicas, and only the new holder should answer.
+    moved: Mutex<HashMap<Uuid, Instant>>,
+}
+
+impl Registry {
+    /// Registers `handle` for `device`, returning the session it replaces.
+    pub fn insert(&self, device: Uuid, handle: SessionHandle) -> Option<SessionHandle> {
+        self.map.lock().unwrap().insert(device, handle)
+    }
+
+    /// Removes `device` if `session` still holds it; says whether it did.
+    pub fn remove(&self, device: Uuid, session: Uuid) -> bool {
+        let mut map = self.map.lock().unwrap();
+        match map.get(&device) {
+            Some(h) if h.session == session => {
+                map.remove(&device);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The session holding `device`.
+    pub fn get(&self, device: Uuid) -> Option<SessionHandle> {
+        self.map.lock().unwrap().get(&device).cloned()
+    }
+
+    /// Whether some session holds `device`.
+    pub fn contains(&self, device: Uuid) -> bool {
+        self.map.lock().unwrap().contains_key(&device)
+    }
+
+    /// Every device held now.
+    pub fn devices(&self) -> Vec<Uuid> {
+        self.map.lock().unwrap().keys().copied().collect()
+    }
+
+    /// Every session held now.
+    pub fn handles(&self) -> Vec<SessionHandle> {
+        self.map.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Remembers that `device` moved to another replica.
+    pub fn mark_moved(&self, device: Uuid) {
+        let now = Instant::now();
+        let mut moved = self.moved.lock().unwrap();
+        if moved.len() >= MOVED_PRUNE_AT {
+            moved.retain(|_, at| now.duration_since(*at) < MOVED_WINDOW);
+        }
+        moved.insert(device, now);
+    }
+
+    /// Whether `device` moved to another replica within the last few seconds.
+    pub fn moved_recently(&self, device: Uuid) -> bool {
+        self.moved
+            .lock()
+            .unwrap()
+            .get(&device)
+            .is_some_and(|at| at.elapsed() < MOVED_WINDOW)
+    }
+
+    /// Number of devices held.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(1);
+        let h = SessionHandle {
+            session: Uuid::now_v7(),
+            tx,
+            control: Arc::default(),
+        };
+        (h, rx)
+    }
+
+    #[test]
+    fn a_replaced_session_cannot_remove_its_successor() {
+        let r = Registry::default();
+        let d = Uuid::new_v4();
+        let (old, _rx1) = handle();
+        let (new, _rx2) = handle();
+        assert!(r.insert(d, old.clone()).is_none());
+        assert_eq!(r.insert(d, new.clone()).unwrap().session, old.session);
+        assert!(!r.remove(d, old.session));
+        assert!(r.contains(d));
+        assert!(r.remove(d, new.session));
+        assert_eq!(r.len(), 0);
+        assert!(!r.moved_recently(d));
+        r.mark_moved(d);
+        assert!(r.moved_recently(d));
+    }
+
+    #[tokio::test]
+    async fn the_first_close_reason_wins() {
+        let c = Control::default();
+        c.close(DisconnectReason::SlowConsumer);
+        c.close(DisconnectReason::Replaced);
+        assert_eq!(c.closed().await, DisconnectReason::SlowConsumer);
+    }
+}

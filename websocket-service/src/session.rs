@@ -1,0 +1,658 @@
+//! One device connection: authentication, then one task that owns the socket.
+//!
+//! The task `select!`s over inbound frames, the outbound queue, publisher confirms,
+//! pings, token expiry, close requests from elsewhere (replaced, slow consumer) and
+//! shutdown. It is generic over the socket (`Stream` + `Sink` of WebSocket messages),
+//! so unit tests drive it through channels.
+//!
+//! Backpressure: events are published without waiting for their confirm, up to
+//! `MAX_IN_FLIGHT` per session; at the limit, and while the device is over its rate
+//! (`EVENT_RATE` / `EVENT_BURST`), the task stops reading from the socket, so TCP
+//! pushes back on the device instead of the gateway buffering.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::stream::FuturesOrdered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use mosaic_protocol::close::{self, DisconnectReason};
+use mosaic_protocol::command::undeliverable;
+use mosaic_protocol::exchange::Lifecycle;
+use mosaic_protocol::frame::{ServerFrame, code};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::auth::Identity;
+use crate::broker::PublishError;
+use crate::gateway::Gateway;
+use crate::message::{self, Origin};
+use crate::metrics;
+use crate::registry::{Control, Outbound, Pending, SessionHandle};
+
+mod handshake;
+mod inbound;
+
+use handshake::authenticate;
+use inbound::handle_text;
+
+/// Requests a session remembers at once; more are answered `device_busy`.
+const MAX_PENDING_REQUESTS: usize = 64;
+/// How long a close frame may take to write.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+type Confirm = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+pub(super) enum Done {
+    /// An event with an id: answer `ack` or `nack`.
+    Event(Box<str>, Result<(), PublishError>),
+    /// Anything else: nothing to tell the device.
+    Quiet,
+}
+
+/// How a session ended: the lifecycle reason and the close frame to send, if any.
+pub(super) struct End {
+    reason: DisconnectReason,
+    close: Option<(u16, &'static str)>,
+}
+
+impl End {
+    pub(super) fn new(reason: DisconnectReason) -> Self {
+        let close = match reason {
+            DisconnectReason::ClosedByDevice => None,
+            DisconnectReason::TokenExpired => Some((close::UNAUTHORIZED, "token expired")),
+            DisconnectReason::Forbidden => Some((close::FORBIDDEN, "token names another device")),
+            DisconnectReason::Replaced => Some((close::REPLACED, "replaced")),
+            DisconnectReason::PingTimeout => Some((1011, "ping timeout")),
+            DisconnectReason::Shutdown => Some((close::GOING_AWAY, "shutting down")),
+            DisconnectReason::SlowConsumer => Some((close::SLOW_CONSUMER, "slow consumer")),
+            DisconnectReason::PolicyViolation => {
+                Some((close::POLICY_VIOLATION, "too many bad frames"))
+            }
+            DisconnectReason::Error => Some((1011, "internal error")),
+        };
+        End { reason, close }
+    }
+
+    pub(super) fn with_close(reason: DisconnectReason, code: u16, text: &'static str) -> Self {
+        End {
+            reason,
+            close: Some((code, text)),
+        }
+    }
+}
+
+/// Whether a socket error means "the device sent a message over the size limit".
+pub(super) fn is_too_big(err: &impl std::fmt::Display) -> bool {
+    // tungstenite reports `Space limit exceeded: Message too long: N > M`; its error
+    // type is private to axum, so the text is what we have.
+    let s = err.to_string();
+    s.contains("Message too long") || s.contains("Space limit exceeded")
+}
+
+/// A token bucket for the per-device rate limit.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f32,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(burst: u32) -> Self {
+        Bucket {
+            tokens: burst as f32,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token; when there is none, says when there will be.
+    fn take(&mut self, rate: u32, burst: u32) -> Result<(), Instant> {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f32() * rate as f32;
+        self.tokens = (self.tokens + refill).min(burst as f32);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / rate as f32;
+            Err(now + Duration::from_secs_f32(wait))
+        }
+    }
+}
+
+/// Runs a device connection to its end. `identity` is set when the upgrade request
+/// carried a valid `Authorization` header; otherwise the device authenticates in band.
+pub(crate) async fn serve<S, E>(gw: Arc<Gateway>, mut socket: S, identity: Option<Identity>)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+    E: std::fmt::Display,
+{
+    let identity = match identity {
+        Some(i) => i,
+        None => match Box::pin(authenticate(&gw, &mut socket)).await {
+            Some(i) => i,
+            None => return,
+        },
+    };
+    let session = Uuid::now_v7();
+    let span = tracing::info_span!("session", device = %identity.device, %session);
+    run_session(gw, socket, identity, session)
+        .instrument(span)
+        .await;
+}
+
+pub(super) async fn send<S: Sink<Message> + Unpin>(
+    socket: &mut S,
+    frame: &ServerFrame,
+    kind: &'static str,
+    limit: Duration,
+) -> bool {
+    metrics::frame_out(kind);
+    matches!(
+        tokio::time::timeout(limit, socket.send(Message::Text(frame.to_text().into()))).await,
+        Ok(Ok(()))
+    )
+}
+
+pub(super) async fn close_with<S: Sink<Message> + Unpin>(
+    socket: &mut S,
+    code: u16,
+    reason: &'static str,
+) {
+    metrics::close(code);
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = socket.send(Message::Close(Some(frame))).await;
+        let _ = socket.close().await;
+    })
+    .await;
+}
+
+fn expiry(exp: u64) -> Instant {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    // Capped, so an absurd `exp` cannot overflow the clock.
+    const MAX: u64 = 10 * 365 * 86_400;
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now).min(MAX))
+}
+
+pub(super) fn expires_at(exp: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(exp.min(i64::MAX as u64) as i64)
+        .map(message::rfc3339)
+        .unwrap_or_default()
+}
+
+pub(super) struct State {
+    origin: Origin,
+    pending: Vec<Pending>,
+    inflight: FuturesOrdered<Confirm>,
+    bad_frames: u32,
+}
+
+async fn run_session<S, E>(gw: Arc<Gateway>, mut socket: S, identity: Identity, session: Uuid)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+    E: std::fmt::Display,
+{
+    let limits = gw.limits.clone();
+    let device = identity.device;
+    let started = Instant::now();
+    let origin = Origin {
+        device,
+        session,
+        gateway: gw.id,
+    };
+    let (tx, mut rx) = mpsc::channel(limits.outbound_queue);
+    let control = Arc::new(Control::default());
+    let handle = SessionHandle {
+        session,
+        tx,
+        control: control.clone(),
+    };
+    if let Some(old) = gw.registry.insert(device, handle) {
+        old.control.close(DisconnectReason::Replaced);
+    }
+    metrics::session_opened();
+    // Bind before telling anyone; the takeover publish on the same channel is
+    // confirmed only once the broker applied the bind.
+    let (t, c) = Box::pin(async {
+        gw.broker.bind(device).await;
+        tokio::join!(
+            gw.broker.publish(message::takeover(origin)),
+            gw.broker
+                .publish(message::lifecycle(origin, Lifecycle::Connected, None)),
+        )
+    })
+    .await;
+    if t.is_err() || c.is_err() {
+        tracing::warn!("session started while the broker is unavailable");
+    }
+    tracing::info!("device connected");
+    let mut exp = identity.exp;
+    let welcome = ServerFrame::Welcome {
+        device,
+        session,
+        expires_at: expires_at(exp),
+    };
+    let mut st = State {
+        origin,
+        pending: Vec::new(),
+        inflight: FuturesOrdered::new(),
+        bad_frames: 0,
+    };
+    let mut end = if Box::pin(send(&mut socket, &welcome, "welcome", limits.pong_timeout)).await {
+        None
+    } else {
+        Some(End::new(DisconnectReason::Error))
+    };
+    let mut expires = expiry(exp);
+    let mut next_ping = Instant::now() + limits.ping_interval;
+    let mut pong_deadline: Option<Instant> = None;
+    let mut held: Option<(Utf8Bytes, Instant)> = None;
+    let mut bucket = Bucket::new(limits.event_burst);
+    let far = Instant::now() + Duration::from_secs(86400 * 365);
+
+    while end.is_none() {
+        let reading = held.is_none() && st.inflight.len() < limits.max_in_flight;
+        let wake_held = held.as_ref().map_or(far, |h| h.1);
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => end = Some(End::new(DisconnectReason::Shutdown)),
+            reason = control.closed() => end = Some(End::new(reason)),
+            _ = sleep_until(expires) => {
+                end = Some(End::new(DisconnectReason::TokenExpired));
+            }
+            _ = sleep_until(pong_deadline.unwrap_or(far)), if pong_deadline.is_some() => {
+                end = Some(End::new(DisconnectReason::PingTimeout));
+            }
+            _ = sleep_until(next_ping) => {
+                next_ping = Instant::now() + limits.ping_interval;
+                if pong_deadline.is_none() {
+                    pong_deadline = Some(Instant::now() + limits.pong_timeout);
+                }
+                st.pending.retain(|p| p.deadline > Instant::now());
+                if tokio::time::timeout(limits.pong_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
+                    end = Some(End::new(DisconnectReason::SlowConsumer));
+                }
+            }
+            Some(done) = st.inflight.next(), if !st.inflight.is_empty() => {
+                if let Done::Event(id, result) = done {
+                    let frame = match result {
+                        Ok(()) => ServerFrame::Ack { id: id.into() },
+                        Err(e) => {
+                            let code = match e {
+                                PublishError::Unavailable => code::UNAVAILABLE,
+                                PublishError::Rejected => code::REJECTED,
+                            };
+                            metrics::nack(code);
+                            ServerFrame::Nack { id: id.into(), code: code.into() }
+                        }
+                    };
+                    let kind = if matches!(frame, ServerFrame::Ack { .. }) { "ack" } else { "nack" };
+                    if !send(&mut socket, &frame, kind, limits.pong_timeout).await {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
+                }
+            }
+            _ = sleep_until(wake_held), if held.is_some() => {
+                if let Some((text, _)) = held.take() {
+                    match bucket.take(limits.event_rate, limits.event_burst) {
+                        Ok(()) => {
+                            end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, text)).await;
+                            expires = expiry(exp);
+                        }
+                        Err(at) => held = Some((text, at)),
+                    }
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outbound::Event(text)) => {
+                    metrics::frame_out("event");
+                    if !matches!(tokio::time::timeout(limits.pong_timeout, socket.send(Message::Text(text))).await, Ok(Ok(()))) {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
+                }
+                Some(Outbound::Request(req)) => {
+                    if st.pending.len() >= MAX_PENDING_REQUESTS {
+                        answer_undeliverable(&gw, origin, &req.pending, undeliverable::DEVICE_BUSY);
+                        continue;
+                    }
+                    metrics::frame_out("request");
+                    st.pending.push(req.pending);
+                    if !matches!(tokio::time::timeout(limits.pong_timeout, socket.send(Message::Text(req.text))).await, Ok(Ok(()))) {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
+                }
+                // Only a replacement drops the registry's sender, after it set the reason.
+                None => end = Some(End::new(control.closed().await)),
+            },
+            msg = socket.next(), if reading => match msg {
+                None | Some(Ok(Message::Close(_))) => end = Some(End::new(DisconnectReason::ClosedByDevice)),
+                Some(Err(e)) => {
+                    end = Some(if is_too_big(&e) {
+                        End::with_close(DisconnectReason::PolicyViolation, close::MESSAGE_TOO_BIG, "frame too large")
+                    } else {
+                        tracing::debug!(error = %e, "socket error");
+                        End { reason: DisconnectReason::ClosedByDevice, close: None }
+                    });
+                }
+                Some(Ok(Message::Pong(_))) => pong_deadline = None,
+                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(m)) => {
+                    let text = match m {
+                        Message::Text(t) => t,
+                        _ => {
+                            metrics::frame_in("binary");
+                            Utf8Bytes::from_static("\u{0}binary")
+                        }
+                    };
+                    match bucket.take(limits.event_rate, limits.event_burst) {
+                        Ok(()) => {
+                            end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, text)).await;
+                            expires = expiry(exp);
+                        }
+                        Err(at) => held = Some((text, at)),
+                    }
+                }
+            },
+        }
+    }
+    let end = end.unwrap_or_else(|| End::new(DisconnectReason::Error));
+
+    Box::pin(finish(gw, socket, rx, st, end, started)).await;
+}
+
+/// Ends a session: unregister, close the socket, answer pending requests, publish
+/// the `disconnected` message.
+async fn finish<S>(
+    gw: Arc<Gateway>,
+    mut socket: S,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut st: State,
+    end: End,
+    started: Instant,
+) where
+    S: Sink<Message> + Unpin,
+{
+    let limits = &gw.limits;
+    let origin = st.origin;
+    let device = origin.device;
+    let session = origin.session;
+    // Unregister first, so no new command is queued for this session.
+    if gw.registry.remove(device, session) {
+        if end.reason == DisconnectReason::Replaced {
+            // Replaced by a session on another replica (a local one would hold the entry).
+            gw.registry.mark_moved(device);
+        }
+        // At shutdown the replica's queue goes away with its connection anyway.
+        if !gw.shutdown.is_cancelled() {
+            gw.broker.unbind(device).await;
+        }
+    }
+    metrics::session_closed();
+    if let Some((code, text)) = end.close {
+        close_with(&mut socket, code, text).await;
+    }
+    drop(socket);
+    // Requesters learn at once that their device is gone.
+    rx.close();
+    while let Ok(out) = rx.try_recv() {
+        if let Outbound::Request(req) = out {
+            answer_undeliverable(
+                &gw,
+                origin,
+                &req.pending,
+                undeliverable::DEVICE_DISCONNECTED,
+            );
+        }
+    }
+    for p in st.pending.drain(..) {
+        answer_undeliverable(&gw, origin, &p, undeliverable::DEVICE_DISCONNECTED);
+    }
+    // Events already read are published; their confirms go nowhere now.
+    let _ = tokio::time::timeout(limits.publish_timeout, async {
+        while st.inflight.next().await.is_some() {}
+    })
+    .await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let lifecycle = message::lifecycle(
+        origin,
+        Lifecycle::Disconnected,
+        Some((end.reason, duration_ms)),
+    );
+    if gw.broker.publish(lifecycle).await.is_err() {
+        tracing::warn!("disconnect lifecycle message not confirmed");
+    }
+    tracing::info!(
+        reason = end.reason.as_str(),
+        duration_ms,
+        "device disconnected"
+    );
+}
+
+fn answer_undeliverable(gw: &Arc<Gateway>, origin: Origin, p: &Pending, reason: &str) {
+    if let Some(m) = message::undeliverable(
+        origin.device,
+        Some(origin.session),
+        gw.id,
+        &p.reply_to,
+        &p.id,
+        reason,
+    ) {
+        gw.tracker.spawn(gw.broker.publish(m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use serde_json::{Value, json};
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+    use tokio_util::sync::PollSender;
+
+    const SECRET: &str = "unit-test-secret-0123456789-abcdefghij";
+
+    /// A socket made of two channels: what the device sends, and what it receives.
+    struct Pipe {
+        inbound: mpsc::Receiver<Message>,
+        outbound: PollSender<Message>,
+    }
+
+    impl Stream for Pipe {
+        type Item = Result<Message, Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.inbound.poll_recv(cx).map(|m| m.map(Ok))
+        }
+    }
+
+    impl Sink<Message> for Pipe {
+        type Error = ();
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            self.outbound.poll_reserve(cx).map_err(|_| ())
+        }
+        fn start_send(mut self: Pin<&mut Self>, m: Message) -> Result<(), ()> {
+            self.outbound.send_item(m).map_err(|_| ())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            self.outbound.close();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct TestDevice {
+        send: mpsc::Sender<Message>,
+        recv: mpsc::Receiver<Message>,
+    }
+
+    impl TestDevice {
+        async fn send(&self, v: Value) {
+            self.send
+                .send(Message::Text(v.to_string().into()))
+                .await
+                .unwrap();
+        }
+        async fn recv(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(5), self.recv.recv())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+        }
+        async fn json(&mut self) -> Value {
+            match self.recv().await {
+                Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// A gateway with no broker connection: every publish is `unavailable`.
+    fn gateway(extra: &[&str]) -> Arc<Gateway> {
+        let mut args = vec!["ws", "--jwt-secret", SECRET, "--publish-timeout-ms", "50"];
+        args.extend_from_slice(extra);
+        let config = crate::Config::try_parse_from(args).unwrap();
+        Arc::new(Gateway::new(&config).unwrap())
+    }
+
+    fn start(gw: &Arc<Gateway>) -> (TestDevice, tokio::task::JoinHandle<()>) {
+        let (dev_tx, inbound) = mpsc::channel(16);
+        let (out_tx, dev_rx) = mpsc::channel(16);
+        let pipe = Pipe {
+            inbound,
+            outbound: PollSender::new(out_tx),
+        };
+        let task = tokio::spawn(serve(gw.clone(), pipe, None));
+        (
+            TestDevice {
+                send: dev_tx,
+                recv: dev_rx,
+            },
+            task,
+        )
+    }
+
+    fn token(device: Uuid, ttl: u64) -> String {
+        let exp = jsonwebtoken::get_current_timestamp() + ttl;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": device, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn close_code(m: Message) -> u16 {
+        match m {
+            Message::Close(Some(f)) => f.code,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_driven_through_channels() {
+        let gw = gateway(&[]);
+        let (mut d, task) = start(&gw);
+        assert_eq!(d.json().await["type"], "hello");
+        let device = Uuid::new_v4();
+        d.send(json!({"type":"auth","token": token(device, 60)}))
+            .await;
+        let welcome = d.json().await;
+        assert_eq!(welcome["device"], device.to_string());
+        assert!(gw.registry.contains(device));
+
+        // No broker: an event with an id is nacked `unavailable`.
+        d.send(json!({"type":"event","name":"t","id":"1"})).await;
+        assert_eq!(
+            d.json().await,
+            json!({"type":"nack","id":"1","code":"unavailable"})
+        );
+        d.send(json!({"type":"nope"})).await;
+        assert_eq!(d.json().await["code"], "bad_frame");
+
+        // Shutdown closes with 1001 and unregisters the device.
+        gw.shutdown.cancel();
+        assert_eq!(close_code(d.recv().await), close::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!gw.registry.contains(device));
+    }
+
+    #[tokio::test]
+    async fn a_newer_local_session_replaces_the_older() {
+        let gw = gateway(&[]);
+        let device = Uuid::new_v4();
+        let (mut a, _) = start(&gw);
+        a.json().await;
+        a.send(json!({"type":"auth","token": token(device, 60)}))
+            .await;
+        a.json().await;
+        let (mut b, _) = start(&gw);
+        b.json().await;
+        b.send(json!({"type":"auth","token": token(device, 60)}))
+            .await;
+        assert_eq!(b.json().await["type"], "welcome");
+        assert_eq!(close_code(a.recv().await), close::REPLACED);
+        assert!(gw.registry.contains(device));
+    }
+
+    #[test]
+    fn the_session_future_stays_small() {
+        let gw = gateway(&[]);
+        let (_, inbound) = mpsc::channel(1);
+        let (out_tx, _) = mpsc::channel(1);
+        let pipe = Pipe {
+            inbound,
+            outbound: PollSender::new(out_tx),
+        };
+        let fut = serve(gw, pipe, None);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("session future: {size} bytes");
+        assert!(size < 4 * 1024, "{size}");
+    }
+
+    #[tokio::test]
+    async fn no_auth_in_time_closes_with_4408() {
+        let gw = gateway(&["--auth-timeout-ms", "50"]);
+        let (mut d, _) = start(&gw);
+        assert_eq!(d.json().await["auth_timeout_ms"], 50);
+        assert_eq!(close_code(d.recv().await), close::AUTH_TIMEOUT);
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut b = Bucket::new(3);
+        for _ in 0..3 {
+            b.take(10, 3).unwrap();
+        }
+        let at = b.take(10, 3).unwrap_err();
+        let wait = at.duration_since(Instant::now());
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+    }
+
+    #[test]
+    fn close_codes_follow_the_contract() {
+        assert_eq!(End::new(DisconnectReason::Replaced).close.unwrap().0, 4409);
+        assert_eq!(End::new(DisconnectReason::Shutdown).close.unwrap().0, 1001);
+        assert_eq!(
+            End::new(DisconnectReason::TokenExpired).close.unwrap(),
+            (4401, "token expired")
+        );
+        assert_eq!(End::new(DisconnectReason::Forbidden).close.unwrap().0, 4403);
+        assert_eq!(
+            End::new(DisconnectReason::SlowConsumer).close.unwrap().0,
+            4429
+        );
+        assert!(End::new(DisconnectReason::ClosedByDevice).close.is_none());
+    }
+}

@@ -1,0 +1,97 @@
+//! In-band authentication: `hello`, then an `auth` frame within the auth timeout.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use futures_util::{Sink, Stream, StreamExt};
+use mosaic_protocol::close;
+use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
+use tokio::time::{Instant, sleep_until};
+
+use super::{close_with, is_too_big, send};
+use crate::auth::{AuthError, Identity};
+use crate::gateway::Gateway;
+use crate::metrics;
+
+/// Sends `hello` and waits for a valid `auth` frame; `None` when the connection ends
+/// (closed with 4408, 4401, 1008 or 1009 as the case may be).
+pub(super) async fn authenticate<S, E>(gw: &Gateway, socket: &mut S) -> Option<Identity>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    E: std::fmt::Display,
+{
+    let limits = &gw.limits;
+    let hello = ServerFrame::Hello {
+        auth_timeout_ms: limits.auth_timeout.as_millis() as u64,
+    };
+    if !send(socket, &hello, "hello", limits.pong_timeout).await {
+        return None;
+    }
+    let deadline = Instant::now() + limits.auth_timeout;
+    let mut bad = 0u32;
+    loop {
+        let msg = tokio::select! {
+            m = socket.next() => m,
+            _ = sleep_until(deadline) => {
+                metrics::auth_failure("timeout");
+                tracing::debug!("no auth frame in time");
+                close_with(socket, close::AUTH_TIMEOUT, "auth timeout").await;
+                return None;
+            }
+            _ = gw.shutdown.cancelled() => {
+                close_with(socket, close::GOING_AWAY, "shutting down").await;
+                return None;
+            }
+        };
+        let text = match msg {
+            None | Some(Ok(Message::Close(_))) => return None,
+            Some(Err(e)) => {
+                if is_too_big(&e) {
+                    close_with(socket, close::MESSAGE_TOO_BIG, "frame too large").await;
+                }
+                return None;
+            }
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                metrics::frame_in("binary");
+                Utf8Bytes::from_static("")
+            }
+            Some(Ok(_)) => continue,
+        };
+        match ClientFrame::parse(text.as_str()) {
+            Ok(ClientFrame::Auth { token }) => {
+                metrics::frame_in("auth");
+                return match gw.verifier.verify(&token) {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        refuse(socket, e, limits.pong_timeout).await;
+                        None
+                    }
+                };
+            }
+            other => {
+                bad += 1;
+                let message = match other {
+                    Err(e) => e.message,
+                    Ok(_) => "authenticate first with an auth frame".to_owned(),
+                };
+                let f = ServerFrame::error(code::BAD_FRAME, message);
+                if !send(socket, &f, "error", limits.pong_timeout).await {
+                    return None;
+                }
+                if bad >= limits.max_bad_frames {
+                    close_with(socket, close::POLICY_VIOLATION, "too many bad frames").await;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn refuse<S: Sink<Message> + Unpin>(socket: &mut S, e: AuthError, limit: Duration) {
+    metrics::auth_failure(e.as_str());
+    tracing::info!(reason = e.as_str(), "token refused");
+    let f = ServerFrame::error(code::UNAUTHORIZED, e.to_string());
+    send(socket, &f, "error", limit).await;
+    close_with(socket, close::UNAUTHORIZED, "unauthorized").await;
+}

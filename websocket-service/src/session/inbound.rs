@@ -1,0 +1,149 @@
+//! Frames from an authenticated device: events, responses, refreshes, bad frames.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use futures_util::Sink;
+use mosaic_protocol::close::{self, DisconnectReason};
+use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
+use tokio::time::Instant;
+
+use super::{Done, End, State, expires_at, send};
+use crate::gateway::Gateway;
+use crate::message;
+use crate::metrics;
+
+/// Handles one text (or binary) frame from an authenticated device.
+pub(super) async fn handle_text<S>(
+    gw: &Arc<Gateway>,
+    socket: &mut S,
+    st: &mut State,
+    exp: &mut u64,
+    text: Utf8Bytes,
+) -> Option<End>
+where
+    S: Sink<Message> + Unpin,
+{
+    let limits = &gw.limits;
+    let parsed = if text.as_str() == "\u{0}binary" {
+        Err(mosaic_protocol::frame::FrameError {
+            code: code::BAD_FRAME,
+            message: "binary frames are not accepted; send JSON text".into(),
+        })
+    } else {
+        ClientFrame::parse(text.as_str())
+    };
+    let error = match parsed {
+        Ok(ClientFrame::Event(ev)) => {
+            metrics::frame_in("event");
+            let id = ev.id.clone();
+            match message::event(st.origin, ev) {
+                Ok(m) => {
+                    st.bad_frames = 0;
+                    let publish = gw.broker.publish(m);
+                    st.inflight.push_back(Box::pin(async move {
+                        let r = publish.await;
+                        match id {
+                            Some(id) => Done::Event(id.into(), r),
+                            None => Done::Quiet,
+                        }
+                    }));
+                    return None;
+                }
+                Err(e) => ServerFrame::error(code::BAD_FRAME, e.to_string()),
+            }
+        }
+        Ok(ClientFrame::Response {
+            request_id,
+            status,
+            data,
+        }) => {
+            metrics::frame_in("response");
+            let now = Instant::now();
+            let found = st
+                .pending
+                .iter()
+                .position(|p| *p.id == *request_id && p.deadline > now);
+            match found {
+                Some(i) => {
+                    st.bad_frames = 0;
+                    let p = st.pending.swap_remove(i);
+                    if let Some(m) =
+                        message::response(st.origin, &p.reply_to, &p.id, &status, &data)
+                    {
+                        let publish = gw.broker.publish(m);
+                        st.inflight.push_back(Box::pin(async move {
+                            if let Err(e) = publish.await {
+                                tracing::warn!(error = %e, "response not confirmed");
+                            }
+                            Done::Quiet
+                        }));
+                    }
+                    return None;
+                }
+                None => {
+                    st.pending.retain(|p| p.deadline > now);
+                    ServerFrame::error(
+                        code::UNKNOWN_REQUEST,
+                        "no pending request with this id for this device",
+                    )
+                }
+            }
+        }
+        Ok(ClientFrame::Auth { token }) => {
+            metrics::frame_in("auth");
+            return match gw.verifier.verify(&token) {
+                Ok(i) if i.device == st.origin.device => {
+                    st.bad_frames = 0;
+                    *exp = i.exp;
+                    let f = ServerFrame::Welcome {
+                        device: i.device,
+                        session: st.origin.session,
+                        expires_at: expires_at(i.exp),
+                    };
+                    if send(socket, &f, "welcome", limits.pong_timeout).await {
+                        None
+                    } else {
+                        Some(End::new(DisconnectReason::Error))
+                    }
+                }
+                Ok(_) => {
+                    metrics::auth_failure("other_device");
+                    tracing::info!("refresh token names another device");
+                    Some(End::new(DisconnectReason::Forbidden))
+                }
+                Err(e) => {
+                    metrics::auth_failure(e.as_str());
+                    tracing::info!(reason = e.as_str(), "refresh token refused");
+                    let f = ServerFrame::error(code::UNAUTHORIZED, e.to_string());
+                    send(socket, &f, "error", limits.pong_timeout).await;
+                    Some(End::with_close(
+                        DisconnectReason::TokenExpired,
+                        close::UNAUTHORIZED,
+                        "unauthorized",
+                    ))
+                }
+            };
+        }
+        Err(e) => {
+            metrics::frame_in("bad");
+            ServerFrame::error(e.code, e.message)
+        }
+    };
+    if let ServerFrame::Error { code: c, .. } = &error
+        && c != code::UNKNOWN_REQUEST
+    {
+        st.bad_frames += 1;
+    }
+    if !send(socket, &error, "error", limits.pong_timeout).await {
+        return Some(End::new(DisconnectReason::Error));
+    }
+    if st.bad_frames >= limits.max_bad_frames {
+        tracing::info!(
+            bad_frames = st.bad_frames,
+            "closing a device that keeps sending bad frames"
+        );
+        return Some(End::new(DisconnectReason::PolicyViolation));
+    }
+    None
+}
