@@ -358,7 +358,9 @@ class Checker:
                 continue
             lo, hi = hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]
             replicas = dep["spec"].get("replicas", 1)
-            if not lo <= replicas <= hi:
+            if not isinstance(replicas, int) or isinstance(replicas, bool):
+                self.error(f"{where}: {ref['name']} has replicas {replicas!r}, not an integer")
+            elif not lo <= replicas <= hi:
                 self.error(f"{where}: {ref['name']} has replicas {replicas}, outside minReplicas..maxReplicas {lo}..{hi}")
 
     def run(self, reads: dict[str, tuple[list[str], str]], required: dict[str, list[str]]) -> int:

@@ -1,7 +1,7 @@
 //! RabbitMQ -> device: events, broadcast, requests and responses, takeover.
 
 use mosaic_tests::device::{Device, Ended};
-use mosaic_tests::{broker, eventually};
+use mosaic_tests::{broker, eventually, within};
 use serde_json::json;
 
 use crate::{Gateway, Hive, Observer, WAIT, command_bindings, device};
@@ -205,5 +205,75 @@ async fn takeover_notices_settle_who_holds_a_device() {
     .await;
     let (_, ended) = d.ended_within(WAIT).await;
     assert_eq!(ended, Ended::Close(4409, "replaced".into()));
+    gw.stop().await;
+}
+
+/// A request that reaches a replica which does not hold its device (the device left,
+/// or moved, after the request was routed) is answered `undeliverable`
+/// `device_not_connected` on its `reply_to`.
+///
+/// The request goes straight into the replica's queue through the default exchange.
+/// The queue is named in the `CC` header (sender-selected distribution) while the
+/// routing key stays `device.<id>`: RabbitMQ delivers it with that routing key, as a
+/// replica receives it from `mosaic.commands`, but no binding of the device is needed.
+#[tokio::test]
+async fn a_request_reaching_a_replica_without_its_device_is_not_connected() {
+    use lapin::BasicProperties;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+
+    let vh = broker().vhost("ws-not-connected").await;
+    let gateway = uuid::Uuid::new_v4();
+    let gw = Gateway::start(&vh.amqp_url, &[("GATEWAY_ID", &gateway.to_string())]).await;
+    let mut hive = Hive::new(&vh.amqp_url).await;
+    let dev = uuid::Uuid::new_v4(); // never connects
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let deadline = time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(30);
+    let deadline = deadline
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let headers = json!({
+        "kind": "request", "id": id, "name": "read", "deadline": deadline,
+        "CC": [format!("mosaic.gateway.{gateway}")],
+    });
+    let props = BasicProperties::default()
+        .with_reply_to(hive.reply_queue.clone())
+        .with_correlation_id(id.clone().into())
+        .with_headers(amqp_value_json::to_field_table(headers.as_object().unwrap()).unwrap());
+    let ch = hive.conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = within(
+        WAIT,
+        "the publish to be confirmed",
+        ch.basic_publish(
+            "".into(),
+            format!("device.{dev}").as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            br#"{"reg":1}"#,
+            props,
+        )
+        .await
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(confirm.is_ack(), "the broker refused the request");
+    assert!(
+        confirm.take_message().is_none(),
+        "the replica queue mosaic.gateway.{gateway} did not take the request"
+    );
+
+    let r = hive.reply().await;
+    assert_eq!(r.routing_key, hive.reply_queue.as_str());
+    assert_eq!(r.props.correlation_id().as_ref().unwrap().as_str(), id);
+    assert_eq!(r.headers["kind"], "undeliverable");
+    assert_eq!(r.headers["reason"], "device_not_connected");
+    assert_eq!(r.headers["device"], dev.to_string());
+    assert_eq!(r.headers["gateway"], gateway.to_string());
     gw.stop().await;
 }
