@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use mosaic_tests::hive::HiveStandIn;
-use mosaic_tests::{broker, eventually, within};
+use mosaic_tests::{broker, within};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-service");
@@ -92,17 +92,7 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     .spawn()
     .expect("the binary starts");
 
-    let http = reqwest::Client::new();
-    eventually(WAIT, "/readyz 200 from the binary", || async {
-        let res = http
-            .get(format!("http://{addr}/readyz"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        (res.status() == 200).then_some(())
-    })
-    .await;
+    mosaic_tests::wait::readiness(addr, true, WAIT).await;
 
     let pid = child.id().expect("the binary is running").to_string();
     let sent = std::process::Command::new("kill")

@@ -30,4 +30,4 @@ pub mod wait;
 
 pub use broker::{Broker, Vhost, broker};
 pub use proxy::FaultProxy;
-pub use wait::{eventually, within};
+pub use wait::{eventually, readiness, within};

@@ -29,3 +29,21 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls `GET http://<addr>/readyz` until it answers 200 (`ready`) or 503 (not
+/// ready), for at most `timeout`; panics when it never does.
+pub async fn readiness(addr: std::net::SocketAddr, ready: bool, timeout: Duration) {
+    let want = if ready { 200 } else { 503 };
+    let url = format!("http://{addr}/readyz");
+    let http = reqwest::Client::new();
+    eventually(timeout, &format!("{url} to answer {want}"), || async {
+        let res = http
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        (res.status().as_u16() == want).then_some(())
+    })
+    .await;
+}

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use mosaic_tests::device::{Device, Ended};
-use mosaic_tests::{broker, eventually, token, within};
+use mosaic_tests::{broker, token, within};
 use tokio::process::Command;
 use uuid::Uuid;
 
@@ -89,17 +89,7 @@ async fn sigterm_closes_every_session_with_1001_and_exits_0() {
     .spawn()
     .expect("the binary starts");
 
-    let http = reqwest::Client::new();
-    eventually(WAIT, "/readyz 200 from the binary", || async {
-        let res = http
-            .get(format!("http://{addr}/readyz"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        (res.status() == 200).then_some(())
-    })
-    .await;
+    mosaic_tests::wait::readiness(addr, true, WAIT).await;
 
     let (mut a, _) = Device::connect(addr, &token::hs256(Uuid::new_v4(), 3600)).await;
     let (mut b, _) = Device::connect(addr, &token::hs256(Uuid::new_v4(), 3600)).await;

@@ -92,16 +92,7 @@ impl Service {
 
     /// Waits until `/readyz` says `ready`.
     pub async fn wait_ready(&self, ready: bool) {
-        let want = if ready { 200 } else { 503 };
-        eventually(
-            Duration::from_secs(30),
-            &format!("/readyz {want}"),
-            || async {
-                let res = self.http.get(self.url("/readyz")).send().await.ok()?;
-                (res.status().as_u16() == want).then_some(())
-            },
-        )
-        .await;
+        mosaic_tests::wait::readiness(self.addr, ready, Duration::from_secs(30)).await;
     }
 
     /// `POST path` with the test token and a JSON body: (status, JSON answer).

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mosaic_runtime::config::{Parsed, parse};
-use mosaic_tests::{broker, eventually, within};
+use mosaic_tests::{broker, within};
 use mosaic_tools::hive::HiveConfig;
 use tokio::sync::oneshot;
 
@@ -140,18 +140,8 @@ impl Stack {
             stops,
             tasks,
         };
-        let http = reqwest::Client::new();
         for addr in [ws_addr, api_addr] {
-            let url = format!("http://{addr}/readyz");
-            eventually(WAIT, &format!("{url} to be ready"), || {
-                let http = http.clone();
-                let url = url.clone();
-                async move {
-                    let resp = http.get(&url).send().await.ok()?;
-                    resp.status().is_success().then_some(())
-                }
-            })
-            .await;
+            mosaic_tests::wait::readiness(addr, true, WAIT).await;
         }
         stack
     }

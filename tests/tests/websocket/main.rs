@@ -19,7 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use mosaic_tests::{broker, eventually, token, within};
+use mosaic_tests::{broker, token, within};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -87,12 +87,7 @@ impl Gateway {
     }
 
     async fn wait_ready(&self, ready: bool) {
-        let what = if ready { "/readyz 200" } else { "/readyz 503" };
-        eventually(Duration::from_secs(30), what, || async {
-            let (s, _) = self.get("/readyz").await;
-            ((s == 200) == ready).then_some(())
-        })
-        .await;
+        mosaic_tests::wait::readiness(self.addr, ready, Duration::from_secs(30)).await;
     }
 
     /// Stops the replica (as SIGTERM would) and waits for `run` to return.
