@@ -6,6 +6,9 @@ pub const GOING_AWAY: u16 = 1001;
 pub const POLICY_VIOLATION: u16 = 1008;
 /// A frame larger than the configured maximum.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// The server met an unexpected condition; also sent when a device answered no ping
+/// in time (the reason text says which).
+pub const INTERNAL_ERROR: u16 = 1011;
 /// Bad token, or the token expired without refresh.
 pub const UNAUTHORIZED: u16 = 4401;
 /// A refresh token named a different device (`sub`).

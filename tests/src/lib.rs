@@ -8,6 +8,8 @@
 //!   uses the one named by `MOSAIC_TEST_AMQP_URL` / `MOSAIC_TEST_MGMT_URL` (the test
 //!   command starts one broker for the whole run and exports those). Each test takes a
 //!   fresh vhost with [`broker::Broker::vhost`].
+//! - [`amqp`]: plain AMQP for tests that play a peer of a service (a gateway, an
+//!   observer of an exchange): connect, listen on an exclusive queue.
 //! - [`device`]: a test device, a real WebSocket client with bounded receives.
 //! - [`token`]: device JWTs signed with the test keys (HMAC, RSA, P-256, Ed25519).
 //! - [`hive`]: a real HTTP server standing in for Hive: records every request and
@@ -21,6 +23,7 @@
 
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
+pub mod amqp;
 pub mod broker;
 pub mod device;
 pub mod hive;

@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use mosaic_tests::amqp::Listener;
 use mosaic_tests::{broker, within};
 use serde_json::{Value, json};
 
@@ -43,37 +42,17 @@ fn every_shape() -> Value {
 #[tokio::test]
 async fn a_table_of_every_json_shape_survives_the_broker() {
     let vhost = broker().vhost("amqp-value-json").await;
-    let conn = within(
-        T,
-        "AMQP connection",
-        Connection::connect(&vhost.amqp_url, ConnectionProperties::default()),
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut listener = Listener::start(&vhost.amqp_url, "", &[]).await;
 
     let Value::Object(sent) = every_shape() else {
         unreachable!()
     };
     let headers = amqp_value_json::to_field_table(&sent).unwrap();
-    let confirm = ch
+    let confirm = listener
+        .ch
         .basic_publish(
             "".into(),
-            q.name().clone(),
+            listener.queue.clone(),
             BasicPublishOptions::default(),
             b"{}",
             BasicProperties::default().with_headers(headers),
@@ -87,16 +66,10 @@ async fn a_table_of_every_json_shape_survives_the_broker() {
             .is_ack()
     );
 
-    let delivery = mosaic_tests::eventually(T, "the message in the queue", || {
-        let ch = ch.clone();
-        let q = q.name().clone();
-        async move {
-            ch.basic_get(q, BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-        }
-    })
-    .await;
+    let delivery = within(T, "the message back", listener.consumer.next())
+        .await
+        .expect("consumer ended")
+        .expect("a delivery");
     let got = delivery
         .properties
         .headers()
@@ -106,6 +79,6 @@ async fn a_table_of_every_json_shape_survives_the_broker() {
     assert_eq!(Value::Object(back), Value::Object(sent));
 
     // The connection is still healthy: a ShortString value would have killed it.
-    assert!(conn.status().connected());
-    conn.close(200, "done".into()).await.unwrap();
+    assert!(listener.conn.status().connected());
+    listener.conn.close(200, "done".into()).await.unwrap();
 }

@@ -66,13 +66,13 @@ impl End {
             DisconnectReason::TokenExpired => Some((close::UNAUTHORIZED, "token expired")),
             DisconnectReason::Forbidden => Some((close::FORBIDDEN, "token names another device")),
             DisconnectReason::Replaced => Some((close::REPLACED, "replaced")),
-            DisconnectReason::PingTimeout => Some((1011, "ping timeout")),
+            DisconnectReason::PingTimeout => Some((close::INTERNAL_ERROR, "ping timeout")),
             DisconnectReason::Shutdown => Some((close::GOING_AWAY, "shutting down")),
             DisconnectReason::SlowConsumer => Some((close::SLOW_CONSUMER, "slow consumer")),
             DisconnectReason::PolicyViolation => {
                 Some((close::POLICY_VIOLATION, "too many bad frames"))
             }
-            DisconnectReason::Error => Some((1011, "internal error")),
+            DisconnectReason::Error => Some((close::INTERNAL_ERROR, "internal error")),
         };
         End { reason, close }
     }

@@ -14,13 +14,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel};
 use mosaic_runtime::config::{Parsed, parse};
+use mosaic_tests::amqp::Listener;
 use mosaic_tests::{eventually, within};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
@@ -142,21 +140,8 @@ impl Drop for Service {
     }
 }
 
-/// A confirm-mode channel on `amqp_url`.
-pub async fn channel(amqp_url: &str) -> (Connection, Channel) {
-    let conn = within(
-        Duration::from_secs(10),
-        "an AMQP connection",
-        Connection::connect(amqp_url, ConnectionProperties::default()),
-    )
-    .await
-    .expect("connect to the test broker");
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    (conn, ch)
-}
+/// A connection and a confirm-mode channel, with the Mosaic exchanges declared.
+pub use mosaic_tests::amqp::connect as channel;
 
 /// Publishes a device event to `mosaic.events` as a gateway does: `fields` become the
 /// headers (plus the injected ones), `data` the body. Returns the message id.
@@ -258,62 +243,18 @@ pub async fn wait_queue_empty(vhost: &str, queue: &str) {
 /// Plays a gateway holding `device`: a queue bound to `device.<uuid>` (and to
 /// `broadcast` when asked) on `mosaic.commands`.
 #[derive(Debug)]
-pub struct Gateway {
-    pub ch: Channel,
-    pub consumer: Consumer,
-    _conn: Connection,
-}
+pub struct Gateway(Listener);
 
 impl Gateway {
     pub async fn hold(amqp_url: &str, devices: &[Uuid], broadcast: bool) -> Gateway {
-        let (conn, ch) = channel(amqp_url).await;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let mut keys: Vec<String> = devices
             .iter()
             .map(|d| mosaic_protocol::exchange::device_key(*d))
             .collect();
         if broadcast {
-            keys.push("broadcast".into());
+            keys.push(mosaic_protocol::exchange::BROADCAST_KEY.into());
         }
-        for key in keys {
-            ch.queue_bind(
-                q.name().clone(),
-                "mosaic.commands".into(),
-                ShortString::from(key),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        }
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Gateway {
-            ch,
-            consumer,
-            _conn: conn,
-        }
+        Gateway(Listener::start(amqp_url, mosaic_protocol::exchange::COMMANDS, &keys).await)
     }
 
     /// The next command: (headers as JSON, body as JSON, properties).
@@ -321,7 +262,7 @@ impl Gateway {
         let d = within(
             Duration::from_secs(10),
             "a command at the gateway",
-            self.consumer.next(),
+            self.0.consumer.next(),
         )
         .await
         .expect("consumer ended")
@@ -346,7 +287,8 @@ impl Gateway {
             .correlation_id()
             .clone()
             .expect("a request has correlation_id");
-        self.ch
+        self.0
+            .ch
             .basic_publish(
                 "".into(),
                 reply_to,

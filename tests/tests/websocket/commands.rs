@@ -237,10 +237,10 @@ async fn a_request_reaching_a_replica_without_its_device_is_not_connected() {
         "CC": [format!("mosaic.gateway.{gateway}")],
     });
     let props = BasicProperties::default()
-        .with_reply_to(hive.reply_queue.clone())
+        .with_reply_to(hive.reply_queue().clone())
         .with_correlation_id(id.clone().into())
         .with_headers(amqp_value_json::to_field_table(headers.as_object().unwrap()).unwrap());
-    let ch = hive.conn.create_channel().await.unwrap();
+    let ch = hive.0.conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -269,7 +269,7 @@ async fn a_request_reaching_a_replica_without_its_device_is_not_connected() {
     );
 
     let r = hive.reply().await;
-    assert_eq!(r.routing_key, hive.reply_queue.as_str());
+    assert_eq!(r.routing_key, hive.reply_queue().as_str());
     assert_eq!(r.props.correlation_id().as_ref().unwrap().as_str(), id);
     assert_eq!(r.headers["kind"], "undeliverable");
     assert_eq!(r.headers["reason"], "device_not_connected");

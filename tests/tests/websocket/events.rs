@@ -152,8 +152,7 @@ async fn an_event_the_broker_refuses_is_nacked_rejected() {
     let vh = broker().vhost("ws-reject").await;
     let gw = Gateway::start(&vh.amqp_url, &[]).await;
     // A full queue that refuses new messages: the broker nacks what is routed to it.
-    let conn = crate::amqp(&vh.amqp_url).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = mosaic_tests::amqp::connect(&vh.amqp_url).await;
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     args.insert(

@@ -13,12 +13,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use mosaic_tests::amqp::Listener;
 use mosaic_tests::{broker, token, within};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
@@ -112,79 +110,12 @@ struct Got {
 }
 
 /// A queue of its own bound to an exchange with a pattern.
-struct Observer {
-    _conn: Connection,
-    consumer: lapin::Consumer,
-}
-
-async fn amqp(url: &str) -> Connection {
-    within(
-        WAIT,
-        "AMQP connect",
-        Connection::connect(url, ConnectionProperties::default()),
-    )
-    .await
-    .expect("AMQP connection")
-}
-
-async fn declare_exchanges(ch: &lapin::Channel) {
-    for name in ["mosaic.events", "mosaic.commands"] {
-        ch.exchange_declare(
-            name.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    }
-}
+struct Observer(Listener);
 
 impl Observer {
     /// Binds a fresh queue to `exchange` with `pattern`.
     async fn bind(url: &str, exchange: &str, pattern: &str) -> Observer {
-        let conn = amqp(url).await;
-        let ch = conn.create_channel().await.unwrap();
-        declare_exchanges(&ch).await;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().clone(),
-            exchange.into(),
-            pattern.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "observer".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Observer {
-            _conn: conn,
-            consumer,
-        }
+        Observer(Listener::start(url, exchange, &[pattern.to_owned()]).await)
     }
 
     /// Every message on `mosaic.events`.
@@ -193,7 +124,7 @@ impl Observer {
     }
 
     async fn next(&mut self) -> Got {
-        let d = within(WAIT, "a message from RabbitMQ", self.consumer.next())
+        let d = within(WAIT, "a message from RabbitMQ", self.0.consumer.next())
             .await
             .expect("consumer ended")
             .expect("delivery");
@@ -224,52 +155,23 @@ impl Observer {
 }
 
 /// Publishes a command the way device-service does.
-struct Hive {
-    conn: Connection,
-    ch: lapin::Channel,
-    reply_queue: ShortString,
-    replies: lapin::Consumer,
-}
+struct Hive(Listener);
 
 impl Hive {
     async fn new(url: &str) -> Hive {
-        let conn = amqp(url).await;
-        let ch = conn.create_channel().await.unwrap();
-        declare_exchanges(&ch).await;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let replies = ch
-            .basic_consume(
-                q.name().clone(),
-                "replies".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Hive {
-            reply_queue: q.name().clone(),
-            conn,
-            ch,
-            replies,
-        }
+        Hive(Listener::start(url, "", &[]).await)
+    }
+
+    /// The queue its replies arrive on.
+    fn reply_queue(&self) -> &ShortString {
+        &self.0.queue
     }
 
     async fn publish(&self, key: &str, headers: Value, body: Value, props: BasicProperties) {
         let table = amqp_value_json::to_field_table(headers.as_object().unwrap()).unwrap();
-        self.ch
+        let confirm = self
+            .0
+            .ch
             .basic_publish(
                 "mosaic.commands".into(),
                 key.into(),
@@ -279,6 +181,8 @@ impl Hive {
             )
             .await
             .unwrap();
+        let confirmed = within(WAIT, "a publisher confirm", confirm).await.unwrap();
+        assert!(confirmed.is_ack(), "the broker refused a command");
     }
 
     /// Sends an event to `device`.
@@ -305,7 +209,7 @@ impl Hive {
         let headers =
             serde_json::json!({"kind": "request", "id": id, "name": name, "deadline": deadline});
         let props = BasicProperties::default()
-            .with_reply_to(self.reply_queue.clone())
+            .with_reply_to(self.reply_queue().clone())
             .with_correlation_id(id.clone().into())
             .with_expiration(timeout_ms.to_string().into());
         self.publish(&format!("device.{device}"), headers, data, props)
@@ -314,7 +218,7 @@ impl Hive {
     }
 
     async fn reply(&mut self) -> Got {
-        let d = within(WAIT, "a reply", self.replies.next())
+        let d = within(WAIT, "a reply", self.0.consumer.next())
             .await
             .expect("consumer ended")
             .expect("delivery");
@@ -325,12 +229,6 @@ impl Hive {
             body: serde_json::from_slice(&d.data).unwrap_or(Value::Null),
             props: d.properties,
         }
-    }
-}
-
-impl Drop for Hive {
-    fn drop(&mut self) {
-        let _ = &self.conn;
     }
 }
 
