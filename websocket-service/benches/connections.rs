@@ -11,8 +11,10 @@
 //! Settings (environment): `BENCH_AMQP_URL` (a running RabbitMQ; default the local
 //! one), `BENCH_CONNECTIONS` (N, default 1000, at most 19000), `BENCH_CONCURRENCY`
 //! (connects in flight, default 256), `BENCH_GATEWAY` (the gateway binary; default
-//! the workspace's `target/release/websocket-service`). Loopback only; every wait is
-//! bounded.
+//! the workspace's `target/release/websocket-service`), `BENCH_HOLD_SECS` (keep the
+//! connections open this long after measuring, at most 600; default 0: several bench
+//! processes started together then measure several replicas at their peak at once).
+//! Loopback only; every wait is bounded.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -227,6 +229,34 @@ async fn main() -> anyhow::Result<()> {
         "bench client CPU   {:.0} µs per connect",
         client_cpu * 1e6 / open.len().max(1) as f64
     );
+    let hold = Duration::from_secs(env_or("BENCH_HOLD_SECS", 0u64).min(600));
+    if !hold.is_zero() {
+        println!(
+            "holding            {} connections for {} s from unix time {}",
+            open.len(),
+            hold.as_secs(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+        );
+        tokio::time::sleep(hold).await;
+        // Still there: every socket answers a ping with a pong.
+        let mut alive = 0usize;
+        for ws in open.iter_mut() {
+            use futures_util::SinkExt;
+            let ping = tokio_tungstenite::tungstenite::Message::Ping(Vec::new().into());
+            if ws.send(ping).await.is_ok() {
+                let pong = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+                if matches!(pong, Ok(Some(Ok(m))) if m.is_pong()) {
+                    alive += 1;
+                }
+            }
+        }
+        println!(
+            "after holding      {alive} of {} connections answer a ping",
+            open.len()
+        );
+    }
     let sessions = open.len();
     match gateway.terminate() {
         Some(t) => println!(
