@@ -18,10 +18,10 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use mosaic_protocol::command::{Kind, RESERVED_FIELDS};
-use mosaic_protocol::exchange;
 use mosaic_protocol::frame::MAX_NAME_CHARS;
+use mosaic_protocol::{exchange, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -37,7 +37,7 @@ use uuid::Uuid;
 pub use auth::Tokens;
 pub use error::{ApiError, ApiJson, ErrorBody, code};
 
-use crate::broker::{self, Link, Routed};
+use crate::broker::{self, Link, Routed, long};
 use crate::metrics;
 use crate::pending::{Pending, Reply};
 
@@ -160,14 +160,22 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
         tokens,
         auth::require_token,
     ));
-    let openapi = Arc::new(openapi);
+    // Serialized once; each request only clones the shared bytes.
+    let openapi = axum::body::Bytes::from(
+        serde_json::to_vec(&openapi).expect("the OpenAPI document serializes"),
+    );
     Router::new()
         .merge(v1)
         .route(
             "/openapi.json",
             axum::routing::get(move || {
                 let doc = openapi.clone();
-                async move { axum::Json(doc.as_ref().clone()) }
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        doc,
+                    )
+                }
             }),
         )
         .merge(health)
@@ -308,14 +316,10 @@ fn headers(
     }
     let mut table = amqp_value_json::to_field_table(extra)
         .map_err(|e| ApiError::bad_request(format!("extra fields: {e}")))?;
-    table.insert("kind".into(), long(kind.as_str()));
-    table.insert("id".into(), long(&id.to_string()));
-    table.insert("name".into(), long(name));
+    table.insert(header::KIND.into(), long(kind.as_str()));
+    table.insert(header::ID.into(), long(&id.to_string()));
+    table.insert(header::NAME.into(), long(name));
     Ok(table)
-}
-
-fn long(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 fn properties(id: Uuid, headers: FieldTable) -> BasicProperties {
@@ -376,14 +380,13 @@ async fn request(
         )));
     }
     let timeout = Duration::from_millis(timeout_ms);
-    let started = Instant::now();
     let id = Uuid::now_v7();
     let mut table = headers(Kind::Request, id, &body.name, &body.extra)?;
     let deadline = time::OffsetDateTime::now_utc() + timeout;
     let deadline = deadline
         .format(&time::format_description::well_known::Rfc3339)
         .expect("a current time formats as RFC 3339");
-    table.insert("deadline".into(), long(&deadline));
+    table.insert(header::DEADLINE.into(), long(&deadline));
     let payload = serde_json::to_vec(&body.data).expect("JSON values serialize");
     let link = state.link()?;
     let mut ticket = state.pending.register(id).map_err(|e| {
@@ -397,26 +400,30 @@ async fn request(
         .with_reply_to(ShortString::from(link.reply_queue.clone()))
         .with_correlation_id(ShortString::from(id.to_string()))
         .with_expiration(ShortString::from(timeout_ms.to_string()));
-    let routed = broker::publish(
-        &link.publish,
-        exchange::COMMANDS,
-        &exchange::device_key(device),
-        true,
-        &payload,
-        props,
-        state.publish_timeout,
-    )
-    .await
-    .map_err(|e| {
-        warn!(error = %e, "publishing a request failed");
-        ApiError::broker_unavailable()
-    })?;
-    if routed == Routed::Returned {
-        return Err(ApiError::not_connected("no gateway holds this device"));
-    }
-    let left = timeout.saturating_sub(started.elapsed());
-    match tokio::time::timeout(left, &mut ticket.rx).await {
-        Ok(Ok(Reply::Response { status, data })) => {
+    // `timeout_ms` bounds the whole call, the publish's confirm included.
+    let publish_and_wait = async {
+        let routed = broker::publish(
+            &link.publish,
+            exchange::COMMANDS,
+            &exchange::device_key(device),
+            true,
+            &payload,
+            props,
+            state.publish_timeout,
+        )
+        .await
+        .map_err(|e| {
+            warn!(error = %e, "publishing a request failed");
+            ApiError::broker_unavailable()
+        })?;
+        if routed == Routed::Returned {
+            return Err(ApiError::not_connected("no gateway holds this device"));
+        }
+        Ok((&mut ticket.rx).await)
+    };
+    match tokio::time::timeout(timeout, publish_and_wait).await {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Ok(Reply::Response { status, data }))) => {
             let data = if data.iter().all(u8::is_ascii_whitespace) {
                 Value::Null
             } else {
@@ -431,10 +438,10 @@ async fn request(
             };
             Ok(axum::Json(Answer { id, status, data }))
         }
-        Ok(Ok(Reply::Undeliverable { reason })) => Err(ApiError::not_connected(format!(
+        Ok(Ok(Ok(Reply::Undeliverable { reason }))) => Err(ApiError::not_connected(format!(
             "the request could not be delivered: {reason}"
         ))),
-        Ok(Ok(Reply::BrokerLost)) | Ok(Err(_)) => Err(ApiError::broker_unavailable()),
+        Ok(Ok(Ok(Reply::BrokerLost) | Err(_))) => Err(ApiError::broker_unavailable()),
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             code::DEVICE_TIMEOUT,

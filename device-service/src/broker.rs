@@ -145,10 +145,7 @@ pub async fn declare_topology(ch: &Channel) -> Result<(), lapin::Error> {
         .await?;
     }
     let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
+    quorum.insert("x-queue-type".into(), long("quorum"));
     let durable_queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -168,6 +165,12 @@ pub async fn declare_topology(ch: &Channel) -> Result<(), lapin::Error> {
     ch.queue_declare(DEAD_LETTER_QUEUE.into(), durable_queue, quorum)
         .await?;
     Ok(())
+}
+
+/// A header value as a `LongString` (never `ShortString`: RabbitMQ closes the
+/// connection on one in a headers table).
+pub fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
 }
 
 /// A name from configuration or input, checked for AMQP's 255-byte limit.

@@ -23,6 +23,7 @@ pub struct Config {
     #[arg(
         long,
         env = "AMQP_URL",
+        value_parser = mosaic_runtime::config::amqp_url,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
@@ -110,9 +111,14 @@ pub struct Config {
 impl fmt::Debug for Config {
     /// Secrets, tokens and the broker URL (it may hold a password) are never printed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The Hive URL may carry a password too.
+        let mut hive_url = self.hive_url.clone();
+        if hive_url.password().is_some() {
+            let _ = hive_url.set_password(Some("***"));
+        }
         f.debug_struct("Config")
             .field("listen_addr", &self.listen_addr)
-            .field("hive_url", &self.hive_url.as_str())
+            .field("hive_url", &hive_url.as_str())
             .field(
                 "hive_signing_secret",
                 &self.hive_signing_secret.as_ref().map(|_| "***"),
@@ -260,9 +266,15 @@ mod tests {
 
     #[test]
     fn debug_hides_secrets() {
-        let c = config(&[("HIVE_SIGNING_SECRET", "supersecretsupersecret")]).unwrap();
+        let c = config(&[
+            ("HIVE_SIGNING_SECRET", "supersecretsupersecret"),
+            ("HIVE_URL", "https://hive:hivepassword@127.0.0.1:1/hive"),
+        ])
+        .unwrap();
         let text = format!("{c:?}");
         assert!(!text.contains("supersecret"), "{text}");
+        assert!(!text.contains("hivepassword"), "{text}");
+        assert!(text.contains("127.0.0.1:1/hive"), "{text}");
         assert!(!text.contains("0123456789abcdef0123"), "{text}");
     }
 }

@@ -7,9 +7,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use hmac::{Hmac, Mac};
 use lapin::types::FieldTable;
+use mosaic_protocol::header;
 use reqwest::StatusCode;
+use reqwest::header::HeaderValue;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
@@ -21,14 +24,17 @@ pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Keys of the rebuilt object that come first, in the contract's order; the device's
 /// extra fields follow in name order, then `data`.
 const LEADING_KEYS: [&str; 7] = [
-    "kind",
-    "message_id",
-    "device",
-    "name",
-    "received_at",
-    "gateway",
-    "session",
+    header::KIND,
+    header::MESSAGE_ID,
+    header::DEVICE,
+    header::NAME,
+    header::RECEIVED_AT,
+    header::GATEWAY,
+    header::SESSION,
 ];
+
+/// How much of an error answer's body is kept for logs and dead-letter headers.
+const ERROR_TEXT_BYTES: usize = 512;
 
 /// Why a message cannot become a Hive POST at all.
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +216,7 @@ impl Hive {
     }
 
     /// One POST of `body` with `Idempotency-Key: message_id`.
-    pub async fn post(&self, message_id: &str, body: Vec<u8>) -> Outcome {
+    pub async fn post(&self, message_id: &HeaderValue, body: Bytes) -> Outcome {
         let mut req = self
             .client
             .post(self.url.clone())
@@ -223,7 +229,7 @@ impl Hive {
                 .as_secs();
             req = req.header(SIGNATURE_HEADER, signature(secret, now, &body));
         }
-        let res = match req.body(body).send().await {
+        let mut res = match req.body(body).send().await {
             Ok(res) => res,
             Err(e) => {
                 let kind = if e.is_timeout() {
@@ -236,7 +242,8 @@ impl Hive {
                 return Outcome::Retry {
                     status: None,
                     retry_after: None,
-                    error: format!("{kind} error: {}", error_chain(&e)),
+                    // Without the URL: it may carry credentials.
+                    error: format!("{kind} error: {}", error_chain(&e.without_url())),
                 };
             }
         };
@@ -251,10 +258,16 @@ impl Hive {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let text = match res.bytes().await {
-            Ok(b) => String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned(),
-            Err(_) => String::new(),
-        };
+        // Only the start of the answer is kept: read no more of it than that.
+        let mut text = Vec::new();
+        while text.len() < ERROR_TEXT_BYTES {
+            match res.chunk().await {
+                Ok(Some(chunk)) => text.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        text.truncate(ERROR_TEXT_BYTES);
+        let text = String::from_utf8_lossy(&text);
         let error = format!("HTTP {}: {}", status.as_u16(), text.trim());
         if is_retryable(status) {
             Outcome::Retry {
@@ -332,6 +345,23 @@ mod tests {
         }
         for s in [400, 401, 403, 404, 409, 410, 413, 422, 301] {
             assert!(!is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_post_names_no_credentials_of_the_url() {
+        let url = "http://hive:url-password-0123@127.0.0.1:1/hive?key=url-password-4567"
+            .parse()
+            .unwrap();
+        let hive = Hive::new(url, None, Duration::from_secs(5), 1).unwrap();
+        let key = HeaderValue::from_static("m");
+        match hive.post(&key, Bytes::from_static(b"{}")).await {
+            Outcome::Retry {
+                status: None,
+                error,
+                ..
+            } => assert!(!error.contains("url-password"), "{error}"),
+            other => panic!("expected a retry, got {other:?}"),
         }
     }
 

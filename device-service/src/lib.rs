@@ -109,7 +109,7 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let (link_tx, link_rx) = watch::channel::<Option<Arc<Link>>>(None);
     let pending = Pending::new(config.max_pending_requests as usize);
-    let relay = Relay {
+    let relay = Arc::new(Relay {
         hive,
         policy: RetryPolicy {
             base: Duration::from_millis(config.retry_base_ms),
@@ -121,7 +121,7 @@ pub async fn run(
         tasks: TaskTracker::new(),
         shutdown: cancel.clone(),
         publish_timeout: config.publish_timeout(),
-    };
+    });
     let grace = config.shutdown_grace();
     info!(
         listen = %listener.local_addr()?,
@@ -193,7 +193,7 @@ struct Supervisor {
     connect_timeout: Duration,
     reconnect_max: Duration,
     grace: Duration,
-    relay: Relay,
+    relay: Arc<Relay>,
     pending: Arc<Pending>,
     link_tx: watch::Sender<Option<Arc<Link>>>,
     readiness: Readiness,
@@ -237,13 +237,14 @@ async fn supervise(s: Supervisor) {
 
 /// Runs the consumers on `link` until it fails or shutdown.
 async fn serve_link(s: &Supervisor, link: Link) -> LinkEnd {
-    let tag = format!("relay-{}", s.replica);
+    // The replica id is checked to be short, so the tag is always a valid name.
+    let tag = broker::name(&format!("relay-{}", s.replica)).unwrap_or_default();
     let consumers = async {
         let relay = link
             .relay
             .basic_consume(
                 broker::RELAY_QUEUE.into(),
-                broker::name(&tag).unwrap_or_else(|_| "".into()),
+                tag.clone(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -297,10 +298,7 @@ async fn serve_link(s: &Supervisor, link: Link) -> LinkEnd {
             let deadline = tokio::time::Instant::now() + s.grace;
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
-                link.relay.basic_cancel(
-                    broker::name(&tag).unwrap_or_else(|_| "".into()),
-                    BasicCancelOptions::default(),
-                ),
+                link.relay.basic_cancel(tag, BasicCancelOptions::default()),
             )
             .await;
             s.relay.tasks.close();

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::StreamExt;
 use lapin::Consumer;
 use mosaic_protocol::command::ReplyKind;
+use mosaic_protocol::header;
 use tokio::sync::oneshot;
 use tracing::debug;
 use uuid::Uuid;
@@ -136,13 +137,15 @@ impl Pending {
                 debug!("reply without a usable correlation_id dropped");
                 continue;
             };
-            let reply = match header_str(headers, "kind").and_then(ReplyKind::parse) {
+            let reply = match header_str(headers, header::KIND).and_then(ReplyKind::parse) {
                 Some(ReplyKind::Response) => Reply::Response {
-                    status: header_str(headers, "status").unwrap_or("ok").to_owned(),
+                    status: header_str(headers, header::STATUS)
+                        .unwrap_or("ok")
+                        .to_owned(),
                     data: d.data,
                 },
                 Some(ReplyKind::Undeliverable) => Reply::Undeliverable {
-                    reason: header_str(headers, "reason")
+                    reason: header_str(headers, header::REASON)
                         .unwrap_or("undeliverable")
                         .to_owned(),
                 },

@@ -13,18 +13,21 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use axum::body::Bytes;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
+use mosaic_protocol::header;
 use rand::Rng;
+use reqwest::header::HeaderValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::broker::{self, DEAD_LETTER_QUEUE, Link, Routed};
+use crate::broker::{self, DEAD_LETTER_QUEUE, Link, Routed, long};
 use crate::hive::{self, Hive, Outcome};
 use crate::metrics;
 
@@ -110,7 +113,12 @@ pub struct Relay {
 impl Relay {
     /// Takes deliveries from `consumer` until it ends (connection lost, consumer
     /// cancelled) or `stop` is cancelled, each in its own task.
-    pub async fn consume(&self, mut consumer: Consumer, link: Arc<Link>, stop: CancellationToken) {
+    pub async fn consume(
+        self: &Arc<Self>,
+        mut consumer: Consumer,
+        link: Arc<Link>,
+        stop: CancellationToken,
+    ) {
         loop {
             let permit = tokio::select! {
                 p = self.slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
@@ -131,7 +139,7 @@ impl Relay {
                     return;
                 }
             };
-            let this = self.clone();
+            let this = Arc::clone(self);
             let link = link.clone();
             let stop = stop.clone();
             let span = tracing::info_span!(
@@ -154,23 +162,25 @@ impl Relay {
     /// requeued it already, so the task lets it go.
     async fn deliver(&self, delivery: Delivery, link: &Link, link_lost: &CancellationToken) {
         let headers = delivery.properties.headers().as_ref();
-        let message_id = header_str(headers, "message_id")
-            .map(str::to_owned)
-            .or_else(|| {
-                delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|m| m.to_string())
-            });
-        let Some(message_id) = message_id else {
-            let error = "the message has no message_id";
+        let message_id = header_str(headers, header::MESSAGE_ID).or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str())
+        });
+        // Checked once here: a message id that cannot be an HTTP header value would
+        // fail every POST, so it is malformed rather than worth retrying.
+        let Some((message_id, idempotency_key)) =
+            message_id.and_then(|m| Some((m, HeaderValue::from_str(m).ok()?)))
+        else {
+            let error = "the message has no usable message_id";
             return self
                 .dead_letter(&delivery, link, Failure::malformed(error), link_lost)
                 .await;
         };
         let body = match hive::body(headers, &delivery.data) {
-            Ok(b) => b,
+            Ok(b) => Bytes::from(b),
             Err(e) => {
                 return self
                     .dead_letter(
@@ -183,12 +193,12 @@ impl Relay {
             }
         };
         let first_seen = SystemTime::now();
-        let received_at = header_str(headers, "received_at").and_then(parse_rfc3339);
+        let received_at = header_str(headers, header::RECEIVED_AT).and_then(parse_rfc3339);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             let started = std::time::Instant::now();
-            let outcome = self.hive.post(&message_id, body.clone()).await;
+            let outcome = self.hive.post(&idempotency_key, body.clone()).await;
             metrics::hive_attempt(outcome.label(), started.elapsed());
             match outcome {
                 Outcome::Delivered => {
@@ -259,17 +269,20 @@ impl Relay {
                         error,
                         "Hive failed; retrying"
                     );
+                    // Shutdown first: at shutdown `link_lost` fires too, and the
+                    // message must go back now, not when the connection closes.
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        biased;
                         _ = self.shutdown.cancelled() => {
-                            requeue(&delivery, &message_id).await;
-                            return;
+                            debug!(message_id, "shutting down; handing the message back");
+                            return requeue(&delivery).await;
                         }
                         _ = link_lost.cancelled() => {
                             debug!(message_id, "connection lost; the broker redelivers the message");
                             metrics::delivery_finished("requeued");
                             return;
                         }
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
@@ -292,17 +305,22 @@ impl Relay {
             error,
         } = failure;
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let mut set = |k: &str, v: AMQPValue| {
-            if let Ok(k) = ShortString::try_new(k.to_owned()) {
-                headers.insert(k, v);
-            }
-        };
-        set(REASON_HEADER, long(why));
-        set(STATUS_HEADER, AMQPValue::LongLongInt(i64::from(status)));
-        set(ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempts)));
-        set(LAST_ERROR_HEADER, long(truncate(&error, 1024)));
-        set(EXCHANGE_HEADER, long(delivery.exchange.as_str()));
-        set(ROUTING_KEY_HEADER, long(delivery.routing_key.as_str()));
+        headers
+            .insert(REASON_HEADER.into(), long(why))
+            .insert(
+                STATUS_HEADER.into(),
+                AMQPValue::LongLongInt(i64::from(status)),
+            )
+            .insert(
+                ATTEMPTS_HEADER.into(),
+                AMQPValue::LongLongInt(i64::from(attempts)),
+            )
+            .insert(LAST_ERROR_HEADER.into(), long(truncate(&error, 1024)))
+            .insert(EXCHANGE_HEADER.into(), long(delivery.exchange.as_str()))
+            .insert(
+                ROUTING_KEY_HEADER.into(),
+                long(delivery.routing_key.as_str()),
+            );
         let mut props = BasicProperties::default()
             .with_headers(headers)
             .with_delivery_mode(2)
@@ -320,35 +338,25 @@ impl Relay {
             self.publish_timeout,
         )
         .await;
-        match res {
+        let error = match res {
             Ok(Routed::Yes) => {
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     warn!(error = %e, "ack after dead-lettering failed");
                 }
                 metrics::dead_lettered(why);
                 metrics::delivery_finished("dead_lettered");
+                return;
             }
-            Ok(Routed::Returned) | Err(_) => {
-                let error = match res {
-                    Err(e) => e.to_string(),
-                    _ => "the dead-letter queue is missing".to_owned(),
-                };
-                warn!(error, "cannot dead-letter; handing the message back later");
-                tokio::select! {
-                    _ = tokio::time::sleep(self.policy.max) => {}
-                    _ = self.shutdown.cancelled() => {}
-                    _ = link_lost.cancelled() => {}
-                }
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-                metrics::delivery_finished("requeued");
-            }
+            Ok(Routed::Returned) => "the dead-letter queue is missing".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        warn!(error, "cannot dead-letter; handing the message back later");
+        tokio::select! {
+            _ = tokio::time::sleep(self.policy.max) => {}
+            _ = self.shutdown.cancelled() => {}
+            _ = link_lost.cancelled() => {}
         }
+        requeue(delivery).await;
     }
 }
 
@@ -372,8 +380,9 @@ impl Failure {
     }
 }
 
-async fn requeue(delivery: &Delivery, message_id: &str) {
-    debug!(message_id, "shutting down; handing the message back");
+/// Hands the message back to the queue (if the connection is gone, the broker has
+/// requeued it already).
+async fn requeue(delivery: &Delivery) {
     let _ = delivery
         .acker
         .nack(BasicNackOptions {
@@ -382,10 +391,6 @@ async fn requeue(delivery: &Delivery, message_id: &str) {
         })
         .await;
     metrics::delivery_finished("requeued");
-}
-
-fn long(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -401,7 +406,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// A string header's value.
 pub fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
-    let value = headers?.inner().iter().find(|(k, _)| k.as_str() == key)?.1;
+    let value = headers?.inner().get(key)?;
     match value {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         AMQPValue::ShortString(s) => Some(s.as_str()),

@@ -113,6 +113,19 @@ pub fn settings<C: CommandFactory>() -> Vec<String> {
         .collect()
 }
 
+/// clap value parser for an AMQP URL setting: accepts what the AMQP client accepts.
+/// The error never quotes the value, which holds a password.
+pub fn amqp_url(value: &str) -> Result<String, String> {
+    value
+        .parse::<amq_protocol_uri::AMQPUri>()
+        .map(|_| value.to_owned())
+        .map_err(|_| {
+            "not a valid AMQP URL (expected amqp://user:password@host:port/vhost, \
+             the vhost percent-encoded)"
+                .to_owned()
+        })
+}
+
 /// Prints `err` as one line on stderr and exits with [`EXIT_CONFIG`].
 pub fn exit(err: &ConfigError) -> ! {
     eprintln!("error: {err}");
@@ -191,6 +204,9 @@ mod tests {
 
     #[derive(Debug, Parser)]
     struct Demo {
+        /// A URL with a password.
+        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = amqp_url)]
+        amqp_url: String,
         /// Address to listen on.
         #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
         listen_addr: SocketAddr,
@@ -254,9 +270,29 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_amqp_url_is_named_without_its_password() {
+        for bad in ["amqp:guest:s3cret@rabbit", "http://guest:s3cret@rabbit/"] {
+            let e = run(&[], &[("HIVE_URL", "x"), ("AMQP_URL", bad)]).unwrap_err();
+            assert_eq!(e.setting, "AMQP_URL");
+            let line = e.to_string();
+            assert!(line.contains("not a valid AMQP URL"), "{line}");
+            assert!(!line.contains("s3cret"), "{line}");
+        }
+        let ok = run(
+            &[],
+            &[("HIVE_URL", "x"), ("AMQP_URL", "amqp://u:p@h:5672/v")],
+        )
+        .unwrap();
+        assert_eq!(ok.amqp_url, "amqp://u:p@h:5672/v");
+    }
+
+    #[test]
     fn print_settings_lists_env_names() {
         let out = parse::<Demo>(["demo", "--print-settings"], env(&[])).unwrap();
         let Parsed::Print(text) = out else { panic!() };
-        assert_eq!(text, "LISTEN_ADDR\nJWT_SECRET\nHIVE_URL\nRUST_LOG\n");
+        assert_eq!(
+            text,
+            "AMQP_URL\nLISTEN_ADDR\nJWT_SECRET\nHIVE_URL\nRUST_LOG\n"
+        );
     }
 }

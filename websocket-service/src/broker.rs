@@ -25,6 +25,7 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use mosaic_protocol::exchange;
 use tokio::sync::{mpsc, oneshot};
@@ -69,6 +70,10 @@ pub enum ConnectError {
     /// The attempt took longer than its timeout.
     #[error("timed out")]
     Timeout,
+    /// `AMQP_URL` does not parse. The parser's message can quote the whole URL,
+    /// password included, so it is not kept.
+    #[error("AMQP_URL is not a valid AMQP URL")]
+    Url,
 }
 
 enum TopologyOp {
@@ -277,7 +282,8 @@ async fn topology_task(gw: Arc<Gateway>, mut rx: mpsc::Receiver<TopologyOp>) {
 }
 
 async fn setup(broker: &Broker) -> Result<(Connection, Vec<Channel>, Consumer), ConnectError> {
-    let conn = Connection::connect(&broker.url, ConnectionProperties::default()).await?;
+    let uri: AMQPUri = broker.url.parse().map_err(|_| ConnectError::Url)?;
+    let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
     let mut channels = Vec::with_capacity(PUBLISH_CHANNELS);
     for _ in 0..PUBLISH_CHANNELS {
         let ch = conn.create_channel().await?;
@@ -408,5 +414,24 @@ async fn supervise(gw: &Arc<Gateway>, stop: &CancellationToken) {
                 .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_malformed_url_stays_out_of_the_error_text() {
+        // No `//`: the URL parser refuses it and quotes it whole, password included.
+        let b = Broker::new(
+            "amqp:guest:s3cret@rabbit".into(),
+            Uuid::new_v4(),
+            Duration::from_millis(50),
+        );
+        let Err(e) = setup(&b).await else {
+            panic!("connected to a malformed URL")
+        };
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 }

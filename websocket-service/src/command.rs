@@ -176,16 +176,23 @@ fn request(
         return None;
     };
     let now = OffsetDateTime::now_utc();
-    let deadline_at = header_str(&headers, header::DEADLINE)
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
-        .or_else(|| {
-            let ms: u64 = d.properties.expiration().as_ref()?.as_str().parse().ok()?;
-            Some(now + Duration::from_millis(ms))
-        });
-    let (deadline_at, add_deadline) = match deadline_at {
-        Some(t) => (t, false),
-        None => (now + DEFAULT_REQUEST_TIMEOUT, true),
-    };
+    let header_deadline = header_str(&headers, header::DEADLINE)
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+    // The device frame always carries a `deadline`: the header's when it has a valid
+    // one, else the one derived here. `expiration` is capped before the addition,
+    // which panics on overflow.
+    let add_deadline = header_deadline.is_none();
+    let deadline_at = header_deadline.unwrap_or_else(|| {
+        let expiration = d
+            .properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse().ok())
+            .map(Duration::from_millis);
+        now + expiration
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+            .min(MAX_REQUEST_TIMEOUT)
+    });
     let left = Duration::try_from(deadline_at - now)
         .unwrap_or(Duration::ZERO)
         .min(MAX_REQUEST_TIMEOUT);
@@ -292,6 +299,29 @@ mod tests {
         let frame: Value = serde_json::from_str(req.text.as_str()).unwrap();
         assert_eq!(frame["type"], "request");
         assert!(frame["deadline"].as_str().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_expiration_alone_gives_a_capped_deadline() {
+        let gw = gateway();
+        let device = Uuid::new_v4();
+        let (h, mut d) = delivery(device);
+        // No `deadline` header, and an `expiration` no clock can add.
+        d.properties = d.properties.with_expiration(u64::MAX.to_string().into());
+        let (tx, mut rx) = mpsc::channel(1);
+        let handle = SessionHandle {
+            session: Uuid::now_v7(),
+            tx,
+            control: Arc::default(),
+        };
+        gw.registry.insert(device, handle);
+        assert_eq!(request(&gw, device, h, &d), None);
+        let Some(Outbound::Request(req)) = rx.recv().await else {
+            panic!("the request was queued");
+        };
+        assert!(req.pending.deadline <= Instant::now() + MAX_REQUEST_TIMEOUT);
+        let frame: Value = serde_json::from_str(req.text.as_str()).unwrap();
+        assert!(frame["deadline"].as_str().is_some(), "{frame}");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use mosaic_runtime::config::ConfigError;
@@ -20,6 +19,7 @@ pub struct Config {
     #[arg(
         long,
         env = "AMQP_URL",
+        value_parser = mosaic_runtime::config::amqp_url,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true,
         hide_default_value = true
@@ -144,10 +144,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    pub(crate) fn ms(v: u64) -> Duration {
-        Duration::from_millis(v)
     }
 }
 

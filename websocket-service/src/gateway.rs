@@ -31,16 +31,16 @@ pub(crate) struct Limits {
 impl Limits {
     pub fn from_config(c: &Config) -> Self {
         Limits {
-            auth_timeout: Config::ms(c.auth_timeout_ms),
+            auth_timeout: Duration::from_millis(c.auth_timeout_ms),
             max_frame_bytes: c.max_frame_bytes as usize,
-            ping_interval: Config::ms(c.ping_interval_ms),
-            pong_timeout: Config::ms(c.pong_timeout_ms),
+            ping_interval: Duration::from_millis(c.ping_interval_ms),
+            pong_timeout: Duration::from_millis(c.pong_timeout_ms),
             outbound_queue: c.outbound_queue as usize,
             max_in_flight: c.max_in_flight as usize,
             event_rate: c.event_rate,
             event_burst: c.event_burst,
             max_bad_frames: c.max_bad_frames,
-            publish_timeout: Config::ms(c.publish_timeout_ms),
+            publish_timeout: Duration::from_millis(c.publish_timeout_ms),
         }
     }
 }

@@ -10,7 +10,6 @@ use mosaic_protocol::frame::DeviceEvent;
 use mosaic_protocol::header;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 /// A message ready for `basic_publish`.
@@ -49,27 +48,19 @@ pub(crate) fn now_rfc3339() -> String {
     rfc3339(OffsetDateTime::now_utc())
 }
 
-/// `t` as RFC 3339 in UTC with microseconds.
+/// `t` as RFC 3339 in UTC with microseconds, always six digits (sortable text).
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
-    let t = t
-        .replace_nanosecond(t.nanosecond() / 1000 * 1000)
-        .unwrap_or(t);
-    let mut s = t.format(&Rfc3339).unwrap_or_default();
-    // Rfc3339 trims trailing zeros of the fraction; keep six digits for sortable text.
-    if let Some(dot) = s.find('.') {
-        let digits = s.len() - dot - 2; // minus '.' and 'Z'
-        if digits < 6 {
-            s.insert_str(s.len() - 1, &"0".repeat(6 - digits));
-        }
-    } else {
-        s.insert_str(s.len() - 1, ".000000");
-    }
-    s
-}
-
-fn table(map: &Map<String, Value>) -> Result<lapin::types::FieldTable, amqp_value_json::Error> {
-    amqp_value_json::to_field_table(map)
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
 }
 
 fn json_body(v: &Value) -> Vec<u8> {
@@ -89,8 +80,9 @@ fn persistent(message_id: Uuid) -> BasicProperties {
 /// does not fit an AMQP table (over 255 bytes) or nesting is too deep.
 pub(crate) fn event(origin: Origin, ev: DeviceEvent) -> Result<Outgoing, amqp_value_json::Error> {
     let message_id = mosaic_protocol::message_id(origin.device, ev.id.as_deref());
+    let routing_key = exchange::event_key(origin.device, &ev.name);
     let mut h = ev.extra;
-    h.insert(header::NAME.into(), ev.name.clone().into());
+    h.insert(header::NAME.into(), ev.name.into());
     if let Some(id) = ev.id {
         h.insert(header::ID.into(), id.into());
     }
@@ -100,8 +92,8 @@ pub(crate) fn event(origin: Origin, ev: DeviceEvent) -> Result<Outgoing, amqp_va
     Ok(Outgoing {
         device: origin.device,
         exchange: exchange::EVENTS,
-        routing_key: exchange::event_key(origin.device, &ev.name),
-        properties: persistent(message_id).with_headers(table(&h)?),
+        routing_key,
+        properties: persistent(message_id).with_headers(amqp_value_json::to_field_table(&h)?),
         body: json_body(&ev.data),
     })
 }
@@ -125,8 +117,9 @@ pub(crate) fn lifecycle(
         device: origin.device,
         exchange: exchange::EVENTS,
         routing_key: exchange::lifecycle_key(origin.device, event),
-        properties: persistent(message_id)
-            .with_headers(table(&h).expect("lifecycle headers always fit")),
+        properties: persistent(message_id).with_headers(
+            amqp_value_json::to_field_table(&h).expect("lifecycle headers always fit"),
+        ),
         body: b"null".to_vec(),
     }
 }
@@ -138,8 +131,9 @@ pub(crate) fn takeover(origin: Origin) -> Outgoing {
         device: origin.device,
         exchange: exchange::COMMANDS,
         routing_key: exchange::device_key(origin.device),
-        properties: BasicProperties::default()
-            .with_headers(table(&h).expect("takeover headers always fit")),
+        properties: BasicProperties::default().with_headers(
+            amqp_value_json::to_field_table(&h).expect("takeover headers always fit"),
+        ),
         body: b"null".to_vec(),
     }
 }
@@ -195,7 +189,7 @@ fn reply(
         properties: BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
             .with_correlation_id(correlation)
-            .with_headers(table(&h).ok()?),
+            .with_headers(amqp_value_json::to_field_table(&h).ok()?),
         body,
     })
 }
@@ -259,6 +253,8 @@ mod tests {
     fn timestamps_have_six_fraction_digits() {
         let t = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
         assert_eq!(rfc3339(t), "2023-11-14T22:13:20.000000Z");
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_012_345_999).unwrap();
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.012345Z");
         let s = now_rfc3339();
         assert_eq!(s.len(), "2023-11-14T22:13:20.000000Z".len(), "{s}");
     }

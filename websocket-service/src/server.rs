@@ -80,6 +80,11 @@ pub async fn run(
         r = &mut server => Some(r),
         _ = gw.shutdown.cancelled() => None,
     };
+    if early.is_some() {
+        // The server stopped on its own: the sessions still have to close.
+        gw.shutdown.cancel();
+        gw.update_readiness();
+    }
 
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     gw.tracker.close();
@@ -112,10 +117,11 @@ pub async fn run(
 }
 
 fn router(gw: Arc<Gateway>) -> Router {
+    let health = health::router(gw.readiness.clone());
     Router::new()
         .route("/v1/connect", get(connect))
-        .with_state(gw.clone())
-        .merge(health::router(gw.readiness.clone()))
+        .with_state(gw)
+        .merge(health)
 }
 
 fn unauthorized(message: &str) -> Response {

@@ -20,7 +20,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use mosaic_protocol::close::{self, DisconnectReason};
 use mosaic_protocol::command::undeliverable;
 use mosaic_protocol::exchange::Lifecycle;
-use mosaic_protocol::frame::{ServerFrame, code};
+use mosaic_protocol::frame::{FrameError, ServerFrame, code};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
@@ -93,6 +93,14 @@ pub(super) fn is_too_big(err: &impl std::fmt::Display) -> bool {
     s.contains("Message too long") || s.contains("Space limit exceeded")
 }
 
+/// The refusal of a binary frame: the protocol is JSON text.
+pub(super) fn binary_refused() -> FrameError {
+    FrameError {
+        code: code::BAD_FRAME,
+        message: "binary frames are not accepted; send JSON text".into(),
+    }
+}
+
 /// A token bucket for the per-device rate limit.
 #[derive(Debug)]
 struct Bucket {
@@ -151,9 +159,19 @@ pub(super) async fn send<S: Sink<Message> + Unpin>(
     kind: &'static str,
     limit: Duration,
 ) -> bool {
+    send_text(socket, frame.to_text().into(), kind, limit).await
+}
+
+/// Writes one text frame within `limit`; says whether it was written.
+async fn send_text<S: Sink<Message> + Unpin>(
+    socket: &mut S,
+    text: Utf8Bytes,
+    kind: &'static str,
+    limit: Duration,
+) -> bool {
     metrics::frame_out(kind);
     matches!(
-        tokio::time::timeout(limit, socket.send(Message::Text(frame.to_text().into()))).await,
+        tokio::time::timeout(limit, socket.send(Message::Text(text))).await,
         Ok(Ok(()))
     )
 }
@@ -200,7 +218,7 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let limits = gw.limits.clone();
+    let limits = &gw.limits;
     let device = identity.device;
     let started = Instant::now();
     let origin = Origin {
@@ -254,13 +272,16 @@ where
     let mut expires = expiry(exp);
     let mut next_ping = Instant::now() + limits.ping_interval;
     let mut pong_deadline: Option<Instant> = None;
-    let mut held: Option<(Utf8Bytes, Instant)> = None;
+    // A frame read but held back by the rate limit, and when it may go on.
+    let mut held: Option<(Option<Utf8Bytes>, Instant)> = None;
     let mut bucket = Bucket::new(limits.event_burst);
     let far = Instant::now() + Duration::from_secs(86400 * 365);
 
     while end.is_none() {
         let reading = held.is_none() && st.inflight.len() < limits.max_in_flight;
         let wake_held = held.as_ref().map_or(far, |h| h.1);
+        // A frame to handle after the select: text, or `None` for a binary frame.
+        let mut admit: Option<Option<Utf8Bytes>> = None;
         tokio::select! {
             _ = gw.shutdown.cancelled() => end = Some(End::new(DisconnectReason::Shutdown)),
             reason = control.closed() => end = Some(End::new(reason)),
@@ -271,49 +292,40 @@ where
                 end = Some(End::new(DisconnectReason::PingTimeout));
             }
             _ = sleep_until(next_ping) => {
-                next_ping = Instant::now() + limits.ping_interval;
+                let now = Instant::now();
+                next_ping = now + limits.ping_interval;
                 if pong_deadline.is_none() {
-                    pong_deadline = Some(Instant::now() + limits.pong_timeout);
+                    pong_deadline = Some(now + limits.pong_timeout);
                 }
-                st.pending.retain(|p| p.deadline > Instant::now());
+                st.pending.retain(|p| p.deadline > now);
                 if tokio::time::timeout(limits.pong_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
                     end = Some(End::new(DisconnectReason::SlowConsumer));
                 }
             }
             Some(done) = st.inflight.next(), if !st.inflight.is_empty() => {
                 if let Done::Event(id, result) = done {
-                    let frame = match result {
-                        Ok(()) => ServerFrame::Ack { id: id.into() },
+                    let (frame, kind) = match result {
+                        Ok(()) => (ServerFrame::Ack { id: id.into() }, "ack"),
                         Err(e) => {
                             let code = match e {
                                 PublishError::Unavailable => code::UNAVAILABLE,
                                 PublishError::Rejected => code::REJECTED,
                             };
                             metrics::nack(code);
-                            ServerFrame::Nack { id: id.into(), code: code.into() }
+                            (ServerFrame::Nack { id: id.into(), code: code.into() }, "nack")
                         }
                     };
-                    let kind = if matches!(frame, ServerFrame::Ack { .. }) { "ack" } else { "nack" };
                     if !send(&mut socket, &frame, kind, limits.pong_timeout).await {
                         end = Some(End::new(DisconnectReason::SlowConsumer));
                     }
                 }
             }
             _ = sleep_until(wake_held), if held.is_some() => {
-                if let Some((text, _)) = held.take() {
-                    match bucket.take(limits.event_rate, limits.event_burst) {
-                        Ok(()) => {
-                            end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, text)).await;
-                            expires = expiry(exp);
-                        }
-                        Err(at) => held = Some((text, at)),
-                    }
-                }
+                admit = held.take().map(|(frame, _)| frame);
             }
             out = rx.recv() => match out {
                 Some(Outbound::Event(text)) => {
-                    metrics::frame_out("event");
-                    if !matches!(tokio::time::timeout(limits.pong_timeout, socket.send(Message::Text(text))).await, Ok(Ok(()))) {
+                    if !send_text(&mut socket, text, "event", limits.pong_timeout).await {
                         end = Some(End::new(DisconnectReason::SlowConsumer));
                     }
                 }
@@ -322,9 +334,8 @@ where
                         answer_undeliverable(&gw, origin, &req.pending, undeliverable::DEVICE_BUSY);
                         continue;
                     }
-                    metrics::frame_out("request");
                     st.pending.push(req.pending);
-                    if !matches!(tokio::time::timeout(limits.pong_timeout, socket.send(Message::Text(req.text))).await, Ok(Ok(()))) {
+                    if !send_text(&mut socket, req.text, "request", limits.pong_timeout).await {
                         end = Some(End::new(DisconnectReason::SlowConsumer));
                     }
                 }
@@ -338,28 +349,29 @@ where
                         End::with_close(DisconnectReason::PolicyViolation, close::MESSAGE_TOO_BIG, "frame too large")
                     } else {
                         tracing::debug!(error = %e, "socket error");
-                        End { reason: DisconnectReason::ClosedByDevice, close: None }
+                        End::new(DisconnectReason::ClosedByDevice)
                     });
                 }
                 Some(Ok(Message::Pong(_))) => pong_deadline = None,
                 Some(Ok(Message::Ping(_))) => {}
-                Some(Ok(m)) => {
-                    let text = match m {
-                        Message::Text(t) => t,
-                        _ => {
-                            metrics::frame_in("binary");
-                            Utf8Bytes::from_static("\u{0}binary")
-                        }
-                    };
-                    match bucket.take(limits.event_rate, limits.event_burst) {
-                        Ok(()) => {
-                            end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, text)).await;
-                            expires = expiry(exp);
-                        }
-                        Err(at) => held = Some((text, at)),
-                    }
+                Some(Ok(Message::Text(t))) => admit = Some(Some(t)),
+                Some(Ok(_)) => {
+                    metrics::frame_in("binary");
+                    admit = Some(None);
                 }
             },
+        }
+        if let Some(frame) = admit {
+            match bucket.take(limits.event_rate, limits.event_burst) {
+                Ok(()) => {
+                    let before = exp;
+                    end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, frame)).await;
+                    if exp != before {
+                        expires = expiry(exp);
+                    }
+                }
+                Err(at) => held = Some((frame, at)),
+            }
         }
     }
     let end = end.unwrap_or_else(|| End::new(DisconnectReason::Error));

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Message;
 use futures_util::{Sink, Stream, StreamExt};
 use mosaic_protocol::close;
 use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
 use tokio::time::{Instant, sleep_until};
 
-use super::{close_with, is_too_big, send};
+use super::{binary_refused, close_with, is_too_big, send};
 use crate::auth::{AuthError, Identity};
 use crate::gateway::Gateway;
 use crate::metrics;
@@ -43,7 +43,7 @@ where
                 return None;
             }
         };
-        let text = match msg {
+        let parsed = match msg {
             None | Some(Ok(Message::Close(_))) => return None,
             Some(Err(e)) => {
                 if is_too_big(&e) {
@@ -51,14 +51,14 @@ where
                 }
                 return None;
             }
-            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Text(t))) => ClientFrame::parse(t.as_str()),
             Some(Ok(Message::Binary(_))) => {
                 metrics::frame_in("binary");
-                Utf8Bytes::from_static("")
+                Err(binary_refused())
             }
             Some(Ok(_)) => continue,
         };
-        match ClientFrame::parse(text.as_str()) {
+        match parsed {
             Ok(ClientFrame::Auth { token }) => {
                 metrics::frame_in("auth");
                 return match gw.verifier.verify(&token) {

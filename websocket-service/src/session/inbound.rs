@@ -8,30 +8,27 @@ use mosaic_protocol::close::{self, DisconnectReason};
 use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
 use tokio::time::Instant;
 
-use super::{Done, End, State, expires_at, send};
+use super::{Done, End, State, binary_refused, expires_at, send};
 use crate::gateway::Gateway;
 use crate::message;
 use crate::metrics;
 
-/// Handles one text (or binary) frame from an authenticated device.
+/// Handles one frame from an authenticated device: its text, or `None` for a binary
+/// frame (refused as a bad frame).
 pub(super) async fn handle_text<S>(
     gw: &Arc<Gateway>,
     socket: &mut S,
     st: &mut State,
     exp: &mut u64,
-    text: Utf8Bytes,
+    text: Option<Utf8Bytes>,
 ) -> Option<End>
 where
     S: Sink<Message> + Unpin,
 {
     let limits = &gw.limits;
-    let parsed = if text.as_str() == "\u{0}binary" {
-        Err(mosaic_protocol::frame::FrameError {
-            code: code::BAD_FRAME,
-            message: "binary frames are not accepted; send JSON text".into(),
-        })
-    } else {
-        ClientFrame::parse(text.as_str())
+    let parsed = match &text {
+        Some(text) => ClientFrame::parse(text.as_str()),
+        None => Err(binary_refused()),
     };
     let error = match parsed {
         Ok(ClientFrame::Event(ev)) => {
