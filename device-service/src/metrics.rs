@@ -17,6 +17,16 @@ pub const REQUESTS: &str = "mosaic_device_requests_total";
 /// Duration of REST calls that publish to devices, by `endpoint`.
 pub const REQUEST_SECONDS: &str = "mosaic_device_request_seconds";
 
+/// Every metric name above (the operations guide documents each; a test checks).
+pub const ALL: [&str; 6] = [
+    DELIVERIES,
+    DELIVERY_ATTEMPTS,
+    HIVE_SECONDS,
+    DEAD_LETTERED,
+    REQUESTS,
+    REQUEST_SECONDS,
+];
+
 /// A delivery left this replica: acked after Hive's 2xx, dead-lettered, or handed back.
 pub fn delivery_finished(outcome: &'static str) {
     metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);

@@ -20,6 +20,18 @@ pub const CLOSES: &str = "mosaic_ws_closes_total";
 /// Counter by `outcome`: broker (re)connections (`connected`, `failed`, `lost`).
 pub const BROKER_CONNECTIONS: &str = "mosaic_ws_broker_connections_total";
 
+/// Every metric name above (the operations guide documents each; a test checks).
+pub const ALL: [&str; 8] = [
+    CONNECTIONS,
+    AUTH_FAILURES,
+    FRAMES_IN,
+    FRAMES_OUT,
+    PUBLISH_CONFIRM_SECONDS,
+    NACKS,
+    CLOSES,
+    BROKER_CONNECTIONS,
+];
+
 pub(crate) fn session_opened() {
     gauge!(CONNECTIONS).increment(1.0);
 }

@@ -1,14 +1,21 @@
 //! The operators' documentation against the code: every setting a service reads is
-//! documented in docs/configuration.md, with the default the code uses.
+//! documented in docs/configuration.md, with the default the code uses, and every
+//! metric it exports is named in docs/operations.md.
 
 use std::path::Path;
 
 use clap::CommandFactory;
 
+fn doc(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("docs/{name}: {e}"))
+}
+
 /// The rows `| `NAME` | default | ...` of docs/configuration.md, by variable name.
 fn documented() -> Vec<(String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
-    let text = std::fs::read_to_string(&path).expect("docs/configuration.md exists");
+    let text = doc("configuration.md");
     text.lines()
         .filter_map(|line| {
             let mut cells = line.split('|').map(str::trim).skip(1);
@@ -65,4 +72,19 @@ fn websocket_service_settings_are_documented() {
 #[test]
 fn device_service_settings_are_documented() {
     check::<device_service::Config>("device-service");
+}
+
+#[test]
+fn every_metric_is_in_the_operations_guide() {
+    let text = doc("operations.md");
+    let missing: Vec<&str> = websocket_service::metrics::ALL
+        .iter()
+        .chain(device_service::metrics::ALL.iter())
+        .copied()
+        .filter(|m| !text.contains(&format!("`{m}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not name {missing:?}"
+    );
 }
