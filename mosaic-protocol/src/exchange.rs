@@ -1,4 +1,11 @@
-//! The two exchanges and the routing keys on them.
+//! The exchanges and the routing keys on them.
+//!
+//! Publishers use [`EVENTS`] and [`COMMANDS`] only. [`COMMANDS_DEVICES`] is internal
+//! to the gateways: a direct exchange bound to [`COMMANDS`] with [`ALL_DEVICES`], on
+//! which each gateway binds its queue with [`device_key`] for every device it holds.
+//! A direct binding costs the broker far less than a topic one, and a message
+//! published `mandatory` to [`COMMANDS`] that no queue takes at the end of the chain
+//! is still returned to its publisher.
 //!
 //! Routing keys are limited to 255 bytes by AMQP. An event name may be up to 128
 //! characters (up to 512 bytes of UTF-8), so [`event_key`] shortens the name part at a
@@ -11,6 +18,13 @@ use uuid::Uuid;
 pub const EVENTS: &str = "mosaic.events";
 /// Topic exchange, durable: everything Hive sends towards devices.
 pub const COMMANDS: &str = "mosaic.commands";
+
+/// Direct exchange, durable: the per-device bindings of the gateways
+/// ([`device_key`]). Bound to [`COMMANDS`] with [`ALL_DEVICES`]; nobody publishes to
+/// it directly.
+pub const COMMANDS_DEVICES: &str = "mosaic.commands.devices";
+/// Binding pattern of [`COMMANDS_DEVICES`] on [`COMMANDS`]: every [`device_key`].
+pub const ALL_DEVICES: &str = "device.*";
 
 /// Routing key on [`COMMANDS`] that every connected device receives.
 pub const BROADCAST_KEY: &str = "broadcast";
@@ -41,7 +55,8 @@ pub fn lifecycle_key(device: Uuid, event: Lifecycle) -> String {
     format!("lifecycle.{device}.{}", event.as_str())
 }
 
-/// `device.<device>`: the key on [`COMMANDS`] that reaches one device.
+/// `device.<device>`: the key on [`COMMANDS`] that reaches one device (and the
+/// binding key of its gateway's queue on [`COMMANDS_DEVICES`]).
 pub fn device_key(device: Uuid) -> String {
     format!("device.{device}")
 }

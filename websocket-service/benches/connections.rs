@@ -13,7 +13,9 @@
 //! (connects in flight, default 256), `BENCH_GATEWAY` (the gateway binary; default
 //! the workspace's `target/release/websocket-service`), `BENCH_HOLD_SECS` (keep the
 //! connections open this long after measuring, at most 600; default 0: several bench
-//! processes started together then measure several replicas at their peak at once).
+//! processes started together then measure several replicas at their peak at once),
+//! `BENCH_BROKER_PID` (optional: the pid of the broker's `beam.smp` on this machine;
+//! when given, its CPU per connect is printed too).
 //! Loopback only; every wait is bounded.
 
 use std::process::{Child, Command, Stdio};
@@ -162,6 +164,10 @@ async fn main() -> anyhow::Result<()> {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024);
+    let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    let broker_before = broker_pid.map(cpu_secs);
     let cpu_before = cpu_secs(pid);
     let client_before = cpu_secs(std::process::id());
     let started = Instant::now();
@@ -204,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let cpu = cpu_secs(pid) - cpu_before;
     let client_cpu = cpu_secs(std::process::id()) - client_before;
+    let broker_cpu = broker_pid.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
     // Let allocator and broker traffic settle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid);
@@ -229,6 +236,13 @@ async fn main() -> anyhow::Result<()> {
         "bench client CPU   {:.0} µs per connect",
         client_cpu * 1e6 / open.len().max(1) as f64
     );
+    if let Some(b) = broker_cpu {
+        println!(
+            "broker CPU         {:.0} µs per connect ({b:.2} s for {} connects)",
+            b * 1e6 / open.len().max(1) as f64,
+            open.len()
+        );
+    }
     let hold = Duration::from_secs(env_or("BENCH_HOLD_SECS", 0u64).min(600));
     if !hold.is_zero() {
         println!(

@@ -1,20 +1,30 @@
 //! The RabbitMQ side: one connection per replica, re-established by a supervisor.
 //!
 //! The supervisor connects, declares `mosaic.events` and `mosaic.commands` (topic,
-//! durable), opens a few confirm-mode publish channels, declares this replica's
-//! exclusive, auto-delete queue `mosaic.gateway.<gateway-id>` bound to `broadcast`,
-//! and consumes it on a second channel. When the connection is lost it marks the
-//! broker unavailable (`/readyz` false, events get `nack` `unavailable`), reconnects
-//! with backoff and rebinds every device the registry holds: bindings are restored
-//! from the sessions this replica holds, not replayed from history.
+//! durable) and `mosaic.commands.devices` (direct, durable, bound to `mosaic.commands`
+//! with `device.*`), opens a few confirm-mode publish channels, declares this
+//! replica's exclusive, auto-delete queue `mosaic.gateway.<gateway-id>` bound to
+//! `broadcast` on `mosaic.commands`, and consumes it on a second channel. When the
+//! connection is lost it marks the broker unavailable (`/readyz` false, events get
+//! `nack` `unavailable`), reconnects with backoff and rebinds every device the
+//! registry holds: bindings are restored from the sessions this replica holds, not
+//! replayed from history.
 //!
 //! Each device is served by one publish channel (picked from its id), so its events,
 //! lifecycle messages and bindings reach the broker in order.
 //!
-//! Per-device bindings (`device.<uuid>`) go through one topology task, in order, on
-//! the device's publish channel: binds with `nowait`, so thousands of connects per second do
-//! not wait a round trip each; a later publish on the same channel (the session's
-//! takeover notice) is confirmed only after the broker applied the bind.
+//! Per-device bindings (`device.<uuid>`) are made on the direct exchange
+//! `mosaic.commands.devices`, not on the topic exchange: a direct binding is one
+//! route row in the broker, where a topic binding also updates the topic trie, and
+//! a device connect is dominated by that cost. Publishers are unaffected: they still
+//! publish `device.<uuid>` to `mosaic.commands`, the exchange-to-exchange binding
+//! forwards it, and a `mandatory` message that reaches no queue at the end of the
+//! chain still comes back.
+//!
+//! The bindings go through one topology task, in order, on the device's publish
+//! channel: binds with `nowait`, so thousands of connects per second do not wait a
+//! round trip each; a later publish on the same channel (the session's takeover
+//! notice) is confirmed only after the broker applied the bind.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,7 +32,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -174,8 +185,8 @@ impl Broker {
         }
     }
 
-    /// Binds `device.<device>` to this replica's queue; returns once the bind was
-    /// sent on the publish channel (publish after it to know it was applied).
+    /// Binds `device.<device>` on the direct exchange to this replica's queue; returns
+    /// once the bind was sent on the publish channel (publish after it to know it was applied).
     pub async fn bind(&self, device: Uuid) {
         let (tx, rx) = oneshot::channel();
         let _ = tokio::time::timeout(self.publish_timeout, async {
@@ -218,7 +229,7 @@ async fn topology_task(gw: Arc<Gateway>, mut rx: mpsc::Receiver<TopologyOp>) {
             let key = ShortString::from(exchange::device_key(device));
             ch.queue_bind(
                 queue,
-                exchange::COMMANDS.into(),
+                exchange::COMMANDS_DEVICES.into(),
                 key,
                 QueueBindOptions { nowait: true },
                 FieldTable::default(),
@@ -253,7 +264,7 @@ async fn topology_task(gw: Arc<Gateway>, mut rx: mpsc::Receiver<TopologyOp>) {
                     broker.publish_timeout,
                     ch.queue_unbind(
                         queue.clone(),
-                        exchange::COMMANDS.into(),
+                        exchange::COMMANDS_DEVICES.into(),
                         key,
                         FieldTable::default(),
                     ),
@@ -291,18 +302,27 @@ async fn setup(broker: &Broker) -> Result<(Connection, Vec<Channel>, Consumer), 
         channels.push(ch);
     }
     let ch = &channels[0];
-    for name in [exchange::EVENTS, exchange::COMMANDS] {
-        ch.exchange_declare(
-            name.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (name, kind) in [
+        (exchange::EVENTS, ExchangeKind::Topic),
+        (exchange::COMMANDS, ExchangeKind::Topic),
+        (exchange::COMMANDS_DEVICES, ExchangeKind::Direct),
+    ] {
+        ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+            .await?;
     }
+    // Idempotent: every replica makes the same binding at every connect.
+    ch.exchange_bind(
+        exchange::COMMANDS_DEVICES.into(),
+        exchange::COMMANDS.into(),
+        exchange::ALL_DEVICES.into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     let queue = ShortString::from(broker.queue.clone());
     ch.queue_declare(
         queue.clone(),

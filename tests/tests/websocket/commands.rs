@@ -277,3 +277,79 @@ async fn a_request_reaching_a_replica_without_its_device_is_not_connected() {
     assert_eq!(r.headers["gateway"], gateway.to_string());
     gw.stop().await;
 }
+
+/// Publishes an event for `device` to `mosaic.commands`, `mandatory`, as
+/// device-service does; true when the broker returned it (no queue took it).
+async fn returned(hive: &Hive, device: uuid::Uuid) -> bool {
+    let headers = json!({"kind": "event", "id": uuid::Uuid::new_v4().to_string(), "name": "probe"});
+    let table = amqp_value_json::to_field_table(headers.as_object().unwrap()).unwrap();
+    let confirm = hive
+        .0
+        .ch
+        .basic_publish(
+            "mosaic.commands".into(),
+            format!("device.{device}").as_str().into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"1",
+            lapin::BasicProperties::default().with_headers(table),
+        )
+        .await
+        .unwrap();
+    let confirmed = within(WAIT, "a publisher confirm", confirm).await.unwrap();
+    assert!(confirmed.is_ack(), "the broker refused a command");
+    confirmed.take_message().is_some()
+}
+
+/// Device bindings live on the direct exchange behind `mosaic.commands`: a
+/// `mandatory` command still comes back when no queue at the end of that chain takes
+/// it, and reaches the device (not returned) while its gateway holds it.
+#[tokio::test]
+async fn mandatory_commands_are_returned_through_the_device_exchange() {
+    let vh = broker().vhost("ws-mandatory").await;
+    let gw = Gateway::start(&vh.amqp_url, &[]).await;
+    let hive = Hive::new(&vh.amqp_url).await;
+    let e2e = broker()
+        .mgmt_get(&format!(
+            "/api/exchanges/{}/mosaic.commands/bindings/source",
+            vh.name
+        ))
+        .await;
+    let forwards = e2e.as_array().into_iter().flatten().any(|b| {
+        b["destination"] == "mosaic.commands.devices"
+            && b["destination_type"] == "exchange"
+            && b["routing_key"] == "device.*"
+    });
+    assert!(
+        forwards,
+        "no device.* binding to the device exchange: {e2e}"
+    );
+
+    let (dev, tok) = device();
+    // The exchange-to-exchange binding matches, but no queue is bound for the device.
+    assert!(
+        returned(&hive, dev).await,
+        "a command for an offline device was routed"
+    );
+    let (mut d, _) = Device::connect(gw.addr, &tok).await;
+    assert!(
+        !returned(&hive, dev).await,
+        "a command for a connected device came back"
+    );
+    let f = d.recv().await;
+    assert_eq!(
+        (f["type"].clone(), f["name"].clone()),
+        (json!("event"), json!("probe")),
+        "{f}"
+    );
+    d.close().await;
+    eventually(
+        WAIT,
+        "commands for the departed device to come back",
+        || async { returned(&hive, dev).await.then_some(()) },
+    )
+    .await;
+    gw.stop().await;
+}

@@ -238,20 +238,23 @@ fn device() -> (Uuid, String) {
     (d, token::hs256(d, 3600))
 }
 
-/// Reads `/api/bindings/<vhost>` and lists the routing keys bound to `mosaic.commands`.
+/// Lists the routing keys that bind a queue to `mosaic.commands` (`broadcast`) or to
+/// the direct exchange behind it, `mosaic.commands.devices` (`device.<uuid>`).
 async fn command_bindings(vhost: &str) -> Vec<String> {
-    let v = broker()
-        .mgmt_get(&format!(
-            "/api/exchanges/{vhost}/mosaic.commands/bindings/source"
-        ))
-        .await;
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["routing_key"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    let mut keys = Vec::new();
+    for ex in ["mosaic.commands", "mosaic.commands.devices"] {
+        let v = broker()
+            .mgmt_get(&format!("/api/exchanges/{vhost}/{ex}/bindings/source"))
+            .await;
+        keys.extend(
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["destination_type"] == "queue")
+                .filter_map(|b| b["routing_key"].as_str().map(str::to_owned)),
+        );
+    }
+    keys
 }
 
 /// A TCP proxy in front of the broker that can hold back what the broker sends (its
