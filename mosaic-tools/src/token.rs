@@ -132,16 +132,24 @@ impl Signer {
     }
 }
 
-/// Where the key comes from, as given on a command line.
-#[derive(Debug, Clone, Default)]
+/// Where the key comes from, as given on a command line (a flag group both
+/// `mosaic-token` and `mosaic-device` flatten into their arguments).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct KeySource {
-    /// A private key in PEM (wins over the others).
+    /// A private key in PEM: RSA (RS256), EC P-256 in PKCS#8 (ES256) or Ed25519 in
+    /// PKCS#8 (EdDSA). Beats --secret and --secret-file.
+    #[arg(long = "key")]
     pub key_file: Option<std::path::PathBuf>,
-    /// A file holding an HMAC secret (one trailing newline is ignored).
+    /// A file holding the HMAC secret (one trailing newline is ignored); beats
+    /// --secret.
+    #[arg(long)]
     pub secret_file: Option<std::path::PathBuf>,
-    /// An HMAC secret.
+    /// HMAC secret (at least 32 bytes), as in the gateway's JWT_SECRET.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
-    /// The algorithm, when not the key's default.
+    /// The algorithm, when not the key's default: HS256, HS384, HS512, RS256, RS384,
+    /// RS512, PS256, ES256, ES384, EdDSA.
+    #[arg(long, value_parser = parse_algorithm)]
     pub alg: Option<Algorithm>,
 }
 

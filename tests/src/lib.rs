@@ -10,6 +10,7 @@
 //!   fresh vhost with [`broker::Broker::vhost`].
 //! - [`amqp`]: plain AMQP for tests that play a peer of a service (a gateway, an
 //!   observer of an exchange): connect, listen on an exclusive queue.
+//! - [`binary`]: a service binary run for real: refused settings, SIGTERM.
 //! - [`device`]: a test device, a real WebSocket client with bounded receives.
 //! - [`token`]: device JWTs signed with the test keys (HMAC, RSA, P-256, Ed25519).
 //! - [`hive`]: a real HTTP server standing in for Hive: records every request and
@@ -24,6 +25,7 @@
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
 pub mod amqp;
+pub mod binary;
 pub mod broker;
 pub mod device;
 pub mod hive;

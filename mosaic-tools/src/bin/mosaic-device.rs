@@ -7,17 +7,15 @@
 //! ```
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use jsonwebtoken::Algorithm;
 use mosaic_tools::answer::Answer;
 use mosaic_tools::device::{
     self, Credentials, DeviceConfig, DeviceError, EventPlan, Outcome, Output, Stats,
 };
-use mosaic_tools::token::{self, KeySource, TokenSpec};
+use mosaic_tools::token::{KeySource, TokenSpec};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -59,18 +57,8 @@ struct Args {
     /// mints (and refreshes) its own.
     #[arg(long, env = "MOSAIC_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// HMAC secret to mint tokens with (the gateway's JWT_SECRET).
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    secret: Option<String>,
-    /// A file holding the HMAC secret.
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// A private key in PEM to mint tokens with (RS256, ES256 or EdDSA).
-    #[arg(long)]
-    key: Option<PathBuf>,
-    /// Algorithm of minted tokens, when not the key's default.
-    #[arg(long, value_parser = token::parse_algorithm)]
-    alg: Option<Algorithm>,
+    #[command(flatten)]
+    keys: KeySource,
     /// `kid` of minted tokens.
     #[arg(long)]
     kid: Option<String>,
@@ -170,13 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         anyhow::bail!("--rate must be a number >= 0");
     }
-    let source = KeySource {
-        key_file: args.key.clone(),
-        secret_file: args.secret_file.clone(),
-        secret: args.secret.clone(),
-        alg: args.alg,
-    };
-    let signer = source.signer()?.map(Arc::new);
+    let signer = args.keys.signer()?.map(Arc::new);
     if signer.is_none() && args.token.is_none() {
         anyhow::bail!("give --token, or --secret/--secret-file/--key to mint tokens (see --help)");
     }

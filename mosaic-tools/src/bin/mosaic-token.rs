@@ -5,11 +5,9 @@
 //! mosaic-token --key device-signing.pem --kid k1 --aud mosaic --iss ops
 //! ```
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use jsonwebtoken::Algorithm;
 use mosaic_tools::token::{self, KeySource, TokenSpec};
 use uuid::Uuid;
 
@@ -31,21 +29,8 @@ struct Args {
     /// The device UUID (`sub`); a random one when absent.
     #[arg(long)]
     sub: Option<Uuid>,
-    /// HMAC secret (at least 32 bytes), as in the gateway's JWT_SECRET.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    secret: Option<String>,
-    /// A file holding the HMAC secret (one trailing newline is ignored); beats
-    /// --secret.
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// A private key in PEM: RSA (RS256), EC P-256 in PKCS#8 (ES256) or Ed25519 in
-    /// PKCS#8 (EdDSA). Beats --secret and --secret-file.
-    #[arg(long)]
-    key: Option<PathBuf>,
-    /// The algorithm, when not the key's default: HS256, HS384, HS512, RS256, RS384,
-    /// RS512, PS256, ES256, ES384, EdDSA.
-    #[arg(long, value_parser = token::parse_algorithm)]
-    alg: Option<Algorithm>,
+    #[command(flatten)]
+    keys: KeySource,
     /// `kid` header: which of the gateway's keys verifies the token.
     #[arg(long)]
     kid: Option<String>,
@@ -82,13 +67,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let source = KeySource {
-        key_file: args.key,
-        secret_file: args.secret_file,
-        secret: args.secret,
-        alg: args.alg,
-    };
-    let Some(signer) = source.signer()? else {
+    let Some(signer) = args.keys.signer()? else {
         anyhow::bail!("give --secret, --secret-file or --key (see --help)");
     };
     let sub = args.sub.unwrap_or_else(Uuid::new_v4);

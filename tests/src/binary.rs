@@ -1,0 +1,101 @@
+//! A service binary run for real: a cleared environment, refused settings, SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::{readiness, within};
+
+/// How long each step waits: start, readiness, exit.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// `bin` with only `PATH` and `vars` in its environment; killed if the test ends
+/// before it does.
+pub fn command(bin: &str, vars: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `bin` to its end and asserts it refused to start: exit code 64 and a single
+/// stderr line naming `setting`. Returns the line.
+pub async fn assert_refused(bin: &str, vars: &[(&str, &str)], setting: &str) -> String {
+    let out = within(WAIT, "the binary to exit", command(bin, vars).output())
+        .await
+        .expect("the binary starts");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        out.status.code(),
+        Some(mosaic_runtime::config::EXIT_CONFIG),
+        "stderr: {lines:?}"
+    );
+    assert_eq!(lines.len(), 1, "one line expected: {lines:?}");
+    assert!(
+        lines[0].contains(setting),
+        "{setting} not named: {}",
+        lines[0]
+    );
+    lines[0].to_owned()
+}
+
+/// A running service binary, listening on a free loopback port.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    /// Its `LISTEN_ADDR`.
+    pub addr: SocketAddr,
+}
+
+impl Running {
+    /// Starts `bin` with `vars` plus `LISTEN_ADDR` on a free port, and waits until its
+    /// `/readyz` answers 200.
+    pub async fn start(bin: &str, vars: &[(&str, &str)]) -> Running {
+        let [port] = crate::broker::free_ports::<1>().expect("a free port");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listen = addr.to_string();
+        let mut all = vars.to_vec();
+        all.push(("LISTEN_ADDR", &listen));
+        let child = command(bin, &all)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary starts");
+        readiness(addr, true, WAIT).await;
+        Running { child, addr }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("the binary is running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Asserts the process exits with status 0 within [`WAIT`] (a process that
+    /// ignored SIGTERM would still be running) and no longer accepts connections.
+    pub async fn assert_exits_cleanly(mut self) {
+        let status = within(WAIT, "the binary to exit", self.child.wait())
+            .await
+            .expect("wait for the binary");
+        assert_eq!(status.code(), Some(0), "exit status {status}");
+        let connect = within(
+            WAIT,
+            "a connect to the closed port",
+            tokio::net::TcpStream::connect(self.addr),
+        )
+        .await;
+        assert!(connect.is_err(), "{} still accepts connections", self.addr);
+    }
+}
