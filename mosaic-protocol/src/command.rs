@@ -14,9 +14,12 @@
 //! `{"type":<kind>, ...headers without kind, "data":<body>}`.
 //!
 //! A [`Kind::Takeover`] message (headers `kind`, `device`, `session`, `gateway`) is
-//! published by a gateway when a device authenticates: every other gateway holding an
-//! *older* session of that device (sessions are UUIDv7, so they order by time) closes
-//! it with 4409. It never reaches a device.
+//! published by a gateway when a device authenticates, with the device's routing key,
+//! straight to [`crate::exchange::COMMANDS_DEVICES`] (where the device bindings are;
+//! going through the topic exchange would only add a topic match per connect): every
+//! other gateway holding an *older* session of that device (sessions are UUIDv7, so
+//! they order by time) closes it with 4409. It never reaches a device. A takeover
+//! published to `mosaic.commands` works the same way.
 //!
 //! ## On the reply path
 //!

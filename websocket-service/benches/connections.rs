@@ -15,7 +15,19 @@
 //! connections open this long after measuring, at most 600; default 0: several bench
 //! processes started together then measure several replicas at their peak at once),
 //! `BENCH_BROKER_PID` (optional: the pid of the broker's `beam.smp` on this machine;
-//! when given, its CPU per connect is printed too).
+//! when given, its CPU per connect is printed too), `BENCH_BASELINE` (`0` skips the
+//! baseline below).
+//!
+//! Baseline, measured first in the same run: the broker alone. A plain AMQP client
+//! (no gateway, no WebSocket) asks RabbitMQ for exactly what one device connect asks
+//! of it: a `device.<id>` binding to an exclusive queue on `mosaic.commands.devices`,
+//! a takeover notice to that key (which comes back to the queue's consumer, as a
+//! replica's own notice does) and a persistent lifecycle message on `mosaic.events`,
+//! both confirmed, N times with the same concurrency. The gateway's connect rate is
+//! then printed as a ratio of that rate: on a machine where the broker, the gateway
+//! and the bench client share the cores, it says how much of the broker's own limit
+//! the gateway reaches.
+//!
 //! Loopback only; every wait is bounded.
 
 use std::process::{Child, Command, Stdio};
@@ -25,6 +37,15 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use jsonwebtoken::{EncodingKey, Header};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use mosaic_protocol::command::Kind;
+use mosaic_protocol::exchange::{self, Lifecycle};
+use mosaic_protocol::header;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -106,6 +127,194 @@ fn token(device: uuid::Uuid) -> String {
     .unwrap()
 }
 
+/// What the broker-alone baseline measured.
+struct Baseline {
+    rate: f64,
+    broker_us: Option<f64>,
+    client_us: f64,
+}
+
+fn table(pairs: &[(&str, String)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(
+            ShortString::from(*k),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
+    }
+    t
+}
+
+/// The broker's share of `n` device connects, asked by a plain AMQP client: see the
+/// module documentation.
+async fn broker_alone(
+    amqp: &str,
+    n: usize,
+    concurrency: usize,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<Baseline> {
+    const CHANNELS: usize = 4;
+    let conn = tokio::time::timeout(
+        STEP_TIMEOUT,
+        Connection::connect(amqp, ConnectionProperties::default()),
+    )
+    .await??;
+    let mut channels = Vec::new();
+    for _ in 0..CHANNELS {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        channels.push(ch);
+    }
+    let ch = &channels[0];
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        exchange::EVENTS.into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        exchange::COMMANDS_DEVICES.into(),
+        ExchangeKind::Direct,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let gateway = uuid::Uuid::new_v4();
+    let queue = ShortString::from(format!("bench.baseline.{gateway}"));
+    ch.queue_declare(
+        queue.clone(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    // The replica's consumer: every takeover notice comes back here and is acked.
+    let consume = conn.create_channel().await?;
+    consume.basic_qos(512, BasicQosOptions::default()).await?;
+    let mut consumer = consume
+        .basic_consume(
+            queue.clone(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let acking = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+    });
+
+    let broker_before = broker_pid.map(cpu_secs);
+    let client_before = cpu_secs(std::process::id());
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(concurrency));
+    let mut connects = FuturesUnordered::new();
+    for i in 0..n {
+        let permit = limit.clone().acquire_owned().await?;
+        let ch = channels[i % CHANNELS].clone();
+        let queue = queue.clone();
+        connects.push(tokio::spawn(async move {
+            let device = uuid::Uuid::new_v4();
+            let session = uuid::Uuid::now_v7();
+            let ids = [
+                (header::DEVICE, device.to_string()),
+                (header::SESSION, session.to_string()),
+                (header::GATEWAY, gateway.to_string()),
+            ];
+            let key = exchange::device_key(device);
+            let done = tokio::time::timeout(STEP_TIMEOUT, async {
+                ch.queue_bind(
+                    queue,
+                    exchange::COMMANDS_DEVICES.into(),
+                    key.clone().into(),
+                    QueueBindOptions { nowait: true },
+                    FieldTable::default(),
+                )
+                .await?;
+                let mut takeover = ids.to_vec();
+                takeover.push((header::KIND, Kind::Takeover.as_str().into()));
+                let mut lifecycle = ids.to_vec();
+                lifecycle.extend([
+                    (header::KIND, header::KIND_LIFECYCLE.into()),
+                    (header::NAME, Lifecycle::Connected.as_str().into()),
+                    (header::MESSAGE_ID, uuid::Uuid::now_v7().to_string()),
+                    (header::RECEIVED_AT, "2026-01-01T00:00:00.000000Z".into()),
+                ]);
+                let t = ch
+                    .basic_publish(
+                        exchange::COMMANDS_DEVICES.into(),
+                        key.into(),
+                        BasicPublishOptions::default(),
+                        b"null",
+                        BasicProperties::default().with_headers(table(&takeover)),
+                    )
+                    .await?;
+                let l = ch
+                    .basic_publish(
+                        exchange::EVENTS.into(),
+                        exchange::lifecycle_key(device, Lifecycle::Connected).into(),
+                        BasicPublishOptions::default(),
+                        b"null",
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_headers(table(&lifecycle)),
+                    )
+                    .await?;
+                let (t, l) = tokio::join!(t, l);
+                Ok::<bool, lapin::Error>(t?.is_ack() && l?.is_ack())
+            })
+            .await;
+            drop(permit);
+            matches!(done, Ok(Ok(true)))
+        }));
+    }
+    let mut ok = 0usize;
+    while let Some(r) = connects.next().await {
+        if matches!(r, Ok(true)) {
+            ok += 1;
+        }
+    }
+    anyhow::ensure!(ok == n, "baseline: {} of {n} connects failed", n - ok);
+    let elapsed = started.elapsed();
+    let baseline = Baseline {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        broker_us: broker_pid
+            .zip(broker_before)
+            .map(|(p, b)| (cpu_secs(p) - b) * 1e6 / n as f64),
+        client_us: (cpu_secs(std::process::id()) - client_before) * 1e6 / n as f64,
+    };
+    let _ = tokio::time::timeout(STEP_TIMEOUT, conn.close(200, "done".into())).await;
+    acking.abort();
+    Ok(baseline)
+}
+
+/// Waits until the broker is idle again (deleting a queue with N bindings takes it a
+/// while), at most 20 s; without its pid, waits 3 s.
+async fn settle(broker_pid: Option<u32>) {
+    let Some(pid) = broker_pid else {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let step = Duration::from_millis(500);
+    while Instant::now() < deadline {
+        let before = cpu_secs(pid);
+        tokio::time::sleep(step).await;
+        if cpu_secs(pid) - before < 0.1 * step.as_secs_f64() {
+            return;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
@@ -122,6 +331,16 @@ async fn main() -> anyhow::Result<()> {
         "/../target/release/websocket-service"
     );
     let bin: String = env_or("BENCH_GATEWAY", default_bin.to_owned());
+    let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    let baseline = if env_or("BENCH_BASELINE", 1u8) == 0 {
+        None
+    } else {
+        let b = broker_alone(&amqp, n, concurrency, broker_pid).await?;
+        settle(broker_pid).await;
+        Some(b)
+    };
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -164,9 +383,6 @@ async fn main() -> anyhow::Result<()> {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024);
-    let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID")
-        .ok()
-        .and_then(|v| v.trim().parse().ok());
     let broker_before = broker_pid.map(cpu_secs);
     let cpu_before = cpu_secs(pid);
     let client_before = cpu_secs(std::process::id());
@@ -243,6 +459,25 @@ async fn main() -> anyhow::Result<()> {
             open.len()
         );
     }
+    if let Some(b) = &baseline {
+        let rate = open.len() as f64 / elapsed.as_secs_f64();
+        println!(
+            "baseline           broker alone, the same AMQP work per connect: {:.0} connects/s{}, its client {:.0} µs per connect",
+            b.rate,
+            b.broker_us
+                .map(|us| format!(", broker CPU {us:.0} µs per connect"))
+                .unwrap_or_default(),
+            b.client_us
+        );
+        println!(
+            "gateway / baseline {:.2} (connect rate through the gateway / broker alone)",
+            rate / b.rate
+        );
+    }
+    println!(
+        "gateway capacity   {:.0} connects per second of one core (1 s / gateway CPU per connect)",
+        open.len() as f64 / cpu.max(1e-9)
+    );
     let hold = Duration::from_secs(env_or("BENCH_HOLD_SECS", 0u64).min(600));
     if !hold.is_zero() {
         println!(

@@ -129,7 +129,7 @@ pub(crate) fn takeover(origin: Origin) -> Outgoing {
     let h = origin.headers(Kind::Takeover.as_str());
     Outgoing {
         device: origin.device,
-        exchange: exchange::COMMANDS,
+        exchange: exchange::COMMANDS_DEVICES,
         routing_key: exchange::device_key(origin.device),
         properties: BasicProperties::default().with_headers(
             amqp_value_json::to_field_table(&h).expect("takeover headers always fit"),

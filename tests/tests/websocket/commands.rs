@@ -171,8 +171,12 @@ async fn takeover_notices_settle_who_holds_a_device() {
     let hive = Hive::new(&vh.amqp_url).await;
     let older = uuid::Uuid::now_v7();
     let (dev, tok) = device();
-    let mut notices =
-        Observer::bind(&vh.amqp_url, "mosaic.commands", &format!("device.{dev}")).await;
+    let mut notices = Observer::bind(
+        &vh.amqp_url,
+        "mosaic.commands.devices",
+        &format!("device.{dev}"),
+    )
+    .await;
     let (mut d, welcome) = Device::connect(gw.addr, &tok).await;
     let own = notices.next().await;
     assert_eq!(own.headers["kind"], "takeover");
