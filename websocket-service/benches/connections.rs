@@ -15,15 +15,17 @@
 //! connections open this long after measuring, at most 600; default 0: several bench
 //! processes started together then measure several replicas at their peak at once),
 //! `BENCH_BROKER_PID` (optional: the pid of the broker's `beam.smp` on this machine;
-//! when given, its CPU per connect is printed too), `BENCH_BASELINE` (`0` skips the
-//! baseline below).
+//! when given, its CPU per connect is printed too), `BENCH_BASELINE` (`full`, the
+//! default; `minimal`; `off`: see below).
 //!
 //! Baseline, measured first in the same run: the broker alone. A plain AMQP client
 //! (no gateway, no WebSocket) asks RabbitMQ for exactly what one device connect asks
 //! of it: a `device.<id>` binding to an exclusive queue on `mosaic.commands.devices`,
 //! a takeover notice to that key (which comes back to the queue's consumer, as a
 //! replica's own notice does) and a persistent lifecycle message on `mosaic.events`,
-//! both confirmed, N times with the same concurrency. The gateway's connect rate is
+//! both confirmed, N times with the same concurrency (`minimal` leaves the takeover
+//! notice out: a binding and a lifecycle message are the least that routing commands
+//! to one replica and announcing the device need). The gateway's connect rate is
 //! then printed as a ratio of that rate: on a machine where the broker, the gateway
 //! and the bench client share the cores, it says how much of the broker's own limit
 //! the gateway reaches.
@@ -129,6 +131,8 @@ fn token(device: uuid::Uuid) -> String {
 
 /// What the broker-alone baseline measured.
 struct Baseline {
+    /// The broker operations per connect.
+    work: &'static str,
     rate: f64,
     broker_us: Option<f64>,
     client_us: f64,
@@ -152,6 +156,7 @@ async fn broker_alone(
     n: usize,
     concurrency: usize,
     broker_pid: Option<u32>,
+    with_takeover: bool,
 ) -> anyhow::Result<Baseline> {
     const CHANNELS: usize = 4;
     let conn = tokio::time::timeout(
@@ -249,15 +254,20 @@ async fn broker_alone(
                     (header::MESSAGE_ID, uuid::Uuid::now_v7().to_string()),
                     (header::RECEIVED_AT, "2026-01-01T00:00:00.000000Z".into()),
                 ]);
-                let t = ch
-                    .basic_publish(
-                        exchange::COMMANDS_DEVICES.into(),
-                        key.into(),
-                        BasicPublishOptions::default(),
-                        b"null",
-                        BasicProperties::default().with_headers(table(&takeover)),
-                    )
-                    .await?;
+                let t = if with_takeover {
+                    let confirm = ch
+                        .basic_publish(
+                            exchange::COMMANDS_DEVICES.into(),
+                            key.into(),
+                            BasicPublishOptions::default(),
+                            b"null",
+                            BasicProperties::default().with_headers(table(&takeover)),
+                        )
+                        .await?;
+                    Some(confirm)
+                } else {
+                    None
+                };
                 let l = ch
                     .basic_publish(
                         exchange::EVENTS.into(),
@@ -269,8 +279,11 @@ async fn broker_alone(
                             .with_headers(table(&lifecycle)),
                     )
                     .await?;
-                let (t, l) = tokio::join!(t, l);
-                Ok::<bool, lapin::Error>(t?.is_ack() && l?.is_ack())
+                let taken_over = match t {
+                    Some(t) => t.await?.is_ack(),
+                    None => true,
+                };
+                Ok::<bool, lapin::Error>(taken_over && l.await?.is_ack())
             })
             .await;
             drop(permit);
@@ -286,6 +299,11 @@ async fn broker_alone(
     anyhow::ensure!(ok == n, "baseline: {} of {n} connects failed", n - ok);
     let elapsed = started.elapsed();
     let baseline = Baseline {
+        work: if with_takeover {
+            "binding, takeover notice, lifecycle message"
+        } else {
+            "binding, lifecycle message"
+        },
         rate: n as f64 / elapsed.as_secs_f64(),
         broker_us: broker_pid
             .zip(broker_before)
@@ -334,12 +352,19 @@ async fn main() -> anyhow::Result<()> {
     let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID")
         .ok()
         .and_then(|v| v.trim().parse().ok());
-    let baseline = if env_or("BENCH_BASELINE", 1u8) == 0 {
-        None
-    } else {
-        let b = broker_alone(&amqp, n, concurrency, broker_pid).await?;
-        settle(broker_pid).await;
-        Some(b)
+    let with_takeover = match env_or("BENCH_BASELINE", "full".to_owned()).as_str() {
+        "full" => Some(true),
+        "minimal" => Some(false),
+        "off" => None,
+        other => anyhow::bail!("BENCH_BASELINE is full, minimal or off, not {other:?}"),
+    };
+    let baseline = match with_takeover {
+        Some(t) => {
+            let b = broker_alone(&amqp, n, concurrency, broker_pid, t).await?;
+            settle(broker_pid).await;
+            Some(b)
+        }
+        None => None,
     };
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -462,7 +487,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(b) = &baseline {
         let rate = open.len() as f64 / elapsed.as_secs_f64();
         println!(
-            "baseline           broker alone, the same AMQP work per connect: {:.0} connects/s{}, its client {:.0} µs per connect",
+            "baseline           broker alone ({}): {:.0} connects/s{}, its client {:.0} µs per connect",
+            b.work,
             b.rate,
             b.broker_us
                 .map(|us| format!(", broker CPU {us:.0} µs per connect"))
