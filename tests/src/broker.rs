@@ -36,6 +36,9 @@ struct Private {
     watchdog_stdin: Mutex<Option<ChildStdin>>,
     watchdog: Mutex<Child>,
     dir: tempfile::TempDir,
+    /// The node's name and its epmd's port, for `rabbitmqctl`.
+    node: String,
+    epmd: u16,
 }
 
 /// The broker shared by every test in this process: the one the environment names,
@@ -153,6 +156,8 @@ impl Broker {
                 watchdog_stdin: Mutex::new(stdin),
                 watchdog: Mutex::new(child),
                 dir,
+                node: format!("mosaic{amqp}@localhost"),
+                epmd,
             }),
         };
         broker.wait_until_up(mgmt)?;
@@ -197,6 +202,33 @@ impl Broker {
     /// The AMQP listener's address (for a fault proxy in front of it).
     pub fn amqp_addr(&self) -> SocketAddr {
         self.amqp_addr
+    }
+
+    /// Runs `rabbitmqctl` with `args` against a node this process started (to raise
+    /// an alarm, say) and returns its output. Blocking; bounded by the tool's own
+    /// 30 s timeout. A node started by someone else is refused: changing it would
+    /// disturb every test sharing it.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let p = self
+            ._private
+            .as_ref()
+            .context("rabbitmqctl is only run against a node of this process")?;
+        let out = Command::new(Path::new(RABBITMQ_BIN).join("rabbitmqctl"))
+            .args(["-q", "-t", "30", "-n", &p.node])
+            .args(args)
+            .env("HOME", p.dir.path())
+            .env("ERL_EPMD_PORT", p.epmd.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .context("running rabbitmqctl")?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The node's log directory, when this process started the node.

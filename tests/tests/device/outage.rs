@@ -219,3 +219,70 @@ async fn a_message_in_flight_when_its_replica_loses_the_broker_goes_to_another()
     a.stop().await;
     b.stop().await;
 }
+
+/// A resource alarm: RabbitMQ blocks publishing connections. device-service turns not
+/// ready and answers 503 `broker_unavailable` at once instead of waiting for confirms
+/// that cannot come, then serves again by itself when the alarm clears. On a node of
+/// its own: an alarm blocks every publisher of a node, and other tests share theirs.
+#[tokio::test]
+async fn a_broker_alarm_answers_503_until_it_clears() {
+    let node = within(
+        Duration::from_secs(120),
+        "a private RabbitMQ",
+        tokio::task::spawn_blocking(mosaic_tests::Broker::start),
+    )
+    .await
+    .unwrap()
+    .expect("a private RabbitMQ");
+    let node = std::sync::Arc::new(node);
+    let ctl = |args: &'static [&'static str]| {
+        let node = node.clone();
+        within(
+            Duration::from_secs(60),
+            "rabbitmqctl",
+            tokio::task::spawn_blocking(move || node.ctl(args)),
+        )
+    };
+    let vhost = node.vhost("alarm").await;
+    let hive = HiveStandIn::start().await;
+    let svc = Service::start(&vhost.amqp_url, &hive.url(), &[]).await;
+    let device = Uuid::now_v7();
+    let mut gw = Gateway::hold(&vhost.amqp_url, &[device], false).await;
+    let events = format!("/v1/devices/{device}/events");
+    assert_eq!(svc.post(&events, &json!({"name": "before"})).await.0, 202);
+    assert_eq!(gw.next().await.0["name"], "before");
+
+    // Every byte is over a 1 MB watermark: the memory alarm goes off at once.
+    ctl(&["set_vm_memory_high_watermark", "absolute", "1MB"])
+        .await
+        .unwrap()
+        .expect("raising the alarm");
+    // RabbitMQ tells a connection it is blocked when that connection publishes, so
+    // the first event after the alarm may still be taken, or may find no confirm.
+    let (status, answer) = svc.post(&events, &json!({"name": "first"})).await;
+    assert!(status == 202 || status == 503, "{status}: {answer}");
+    svc.wait_ready(false).await;
+    let (status, answer) = within(
+        Duration::from_secs(3),
+        "an immediate 503",
+        svc.post(&events, &json!({"name": "blocked"})),
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "broker_unavailable");
+
+    ctl(&["set_vm_memory_high_watermark", "0.4"])
+        .await
+        .unwrap()
+        .expect("clearing the alarm");
+    svc.wait_ready(true).await;
+    assert_eq!(svc.post(&events, &json!({"name": "after"})).await.0, 202);
+    // The device gets it (after "first", if that one was taken).
+    let mut names = Vec::new();
+    while names.last().is_none_or(|n| n != "after") {
+        names.push(gw.next().await.0["name"].as_str().unwrap_or("").to_owned());
+        assert!(names.len() <= 2, "unexpected commands: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n == "blocked"), "{names:?}");
+    svc.stop().await;
+}
