@@ -56,6 +56,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
 const MAX_CONNECTIONS: usize = 19_000;
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Client connections come from 127.0.0.2 up to 127.0.0.(1 + this).
+const SOURCE_ADDRS: usize = 16;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -413,7 +415,8 @@ async fn main() -> anyhow::Result<()> {
     let client_before = cpu_secs(std::process::id());
     let started = Instant::now();
     let mut connecting = FuturesUnordered::new();
-    for t in tokens {
+    let gateway_addr: std::net::SocketAddr = addr.parse()?;
+    for (i, t) in tokens.into_iter().enumerate() {
         let permit = limit.clone().acquire_owned().await?;
         let url = format!("ws://{addr}/v1/connect");
         connecting.push(tokio::spawn(async move {
@@ -423,8 +426,15 @@ async fn main() -> anyhow::Result<()> {
                 HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
             );
             let res = tokio::time::timeout(STEP_TIMEOUT, async {
+                // Spread over source addresses: past about 14,000 connections from one
+                // address, Linux scans its whole port range on each connect(), and
+                // the client would measure that instead of the gateway.
+                let src = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % SOURCE_ADDRS) as u8);
+                let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                socket.bind((src, 0).into()).ok()?;
+                let stream = socket.connect(gateway_addr).await.ok()?;
                 let (mut ws, _) =
-                    tokio_tungstenite::connect_async_with_config(req, Some(config), false)
+                    tokio_tungstenite::client_async_with_config(req, stream, Some(config))
                         .await
                         .ok()?;
                 // Wait for the welcome: the session is registered and bound.
