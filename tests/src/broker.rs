@@ -92,6 +92,7 @@ impl Broker {
             .prefix("mosaic-rabbit-")
             .tempdir()?;
         let [amqp, dist, epmd, mgmt] = free_ports::<4>()?;
+        let node = format!("mosaic{amqp}@localhost");
         let d = dir.path();
         std::fs::create_dir_all(d.join("log"))?;
         std::fs::write(
@@ -113,7 +114,7 @@ impl Broker {
         cmd.arg("-c")
             .arg(WATCHDOG)
             .env("HOME", d)
-            .env("RABBITMQ_NODENAME", format!("mosaic{amqp}@localhost"))
+            .env("RABBITMQ_NODENAME", &node)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", amqp.to_string())
             .env("RABBITMQ_DIST_PORT", dist.to_string())
@@ -156,7 +157,7 @@ impl Broker {
                 watchdog_stdin: Mutex::new(stdin),
                 watchdog: Mutex::new(child),
                 dir,
-                node: format!("mosaic{amqp}@localhost"),
+                node,
                 epmd,
             }),
         };
