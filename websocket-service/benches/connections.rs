@@ -86,6 +86,22 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident memory of `pid` once it stopped changing: the same in two readings
+/// 250 ms apart (at most 5 s of readings).
+async fn steady_rss_kib(pid: u32) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = rss_kib(pid);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = rss_kib(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 struct Gateway(Child);
 
 impl Gateway {
@@ -314,16 +330,44 @@ async fn broker_alone(
     };
     let _ = tokio::time::timeout(STEP_TIMEOUT, conn.close(200, "done".into())).await;
     acking.abort();
+    queue_gone(amqp, &queue).await?;
     Ok(baseline)
 }
 
-/// Waits until the broker is idle again (deleting a queue with N bindings takes it a
-/// while), at most 20 s; without its pid, waits 3 s.
-async fn settle(broker_pid: Option<u32>) {
-    let Some(pid) = broker_pid else {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        return;
-    };
+/// Waits (at most 20 s) until RabbitMQ deleted the exclusive `queue` of a closed
+/// connection: its N bindings go in the same deletion, which takes the broker a while.
+async fn queue_gone(amqp: &str, queue: &ShortString) -> anyhow::Result<()> {
+    let conn = Connection::connect(amqp, ConnectionProperties::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        // A passive declare answers 404 once the queue is gone (405 while it exists
+        // and is still exclusive to the closed connection); a failure closes the channel.
+        let ch = conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match ch
+            .queue_declare(queue.clone(), passive, FieldTable::default())
+            .await
+        {
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 404) =>
+            {
+                let _ = conn.close(200, "done".into()).await;
+                return Ok(());
+            }
+            Ok(_) => {
+                let _ = ch.close(200, "again".into()).await;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the baseline's queue was not deleted within 20 s")
+}
+
+/// Waits until the broker's CPU is idle again (at most 20 s).
+async fn settle(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let step = Duration::from_millis(500);
     while Instant::now() < deadline {
@@ -363,7 +407,9 @@ async fn main() -> anyhow::Result<()> {
     let baseline = match with_takeover {
         Some(t) => {
             let b = broker_alone(&amqp, n, concurrency, broker_pid, t).await?;
-            settle(broker_pid).await;
+            if let Some(pid) = broker_pid {
+                settle(pid).await;
+            }
             Some(b)
         }
         None => None,
@@ -401,8 +447,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "gateway not ready in time");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(pid);
+    let before = steady_rss_kib(pid).await;
 
     let tokens: Vec<String> = (0..n).map(|_| token(uuid::Uuid::new_v4())).collect();
     let limit = Arc::new(Semaphore::new(concurrency));
@@ -462,9 +507,8 @@ async fn main() -> anyhow::Result<()> {
     let cpu = cpu_secs(pid) - cpu_before;
     let client_cpu = cpu_secs(std::process::id()) - client_before;
     let broker_cpu = broker_pid.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
-    // Let allocator and broker traffic settle before measuring.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid);
+    // After the last welcome, the allocator and the broker traffic settle first.
+    let after = steady_rss_kib(pid).await;
     let per = (after.saturating_sub(before) as f64) / open.len().max(1) as f64;
     println!("connections        {} open, {failed} failed", open.len());
     println!(
