@@ -19,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use lapin::BasicProperties;
 use lapin::types::{FieldTable, ShortString};
-use mosaic_protocol::command::{Kind, RESERVED_FIELDS};
+use mosaic_protocol::command::{Kind, RESERVED_FIELDS, undeliverable};
 use mosaic_protocol::frame::MAX_NAME_CHARS;
 use mosaic_protocol::{exchange, header};
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,9 @@ use uuid::Uuid;
 pub use auth::Tokens;
 pub use error::{ApiError, ApiJson, ErrorBody, code};
 
-use crate::broker::{self, Link, Routed, long};
+use mosaic_amqp::{Link, Publish, PublishError, Routed};
+
+use crate::broker::long;
 use crate::metrics;
 use crate::pending::{Pending, Reply};
 
@@ -55,6 +57,8 @@ pub struct ApiState {
     pub pending: Arc<Pending>,
     /// Bound on each publish and its confirm.
     pub publish_timeout: Duration,
+    /// This replica's reply queue (the `reply_to` of its requests).
+    pub reply_queue: ShortString,
 }
 
 impl ApiState {
@@ -268,6 +272,20 @@ async fn send_request(
     finish("request", started, res)
 }
 
+/// A publish that was not confirmed: 413 when the headers cannot travel at all,
+/// else 503 (the broker is unavailable, blocked or did not confirm in time).
+fn publish_failed(what: &str, e: PublishError) -> ApiError {
+    warn!(error = %e, "publishing {what} failed");
+    match e {
+        PublishError::HeadersTooLarge { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::BODY_TOO_LARGE,
+            "the extra fields do not fit in one AMQP header frame",
+        ),
+        _ => ApiError::broker_unavailable(),
+    }
+}
+
 fn finish<T: IntoResponse>(
     endpoint: &'static str,
     started: Instant,
@@ -344,20 +362,17 @@ async fn event(
         Some(d) => (exchange::device_key(d), true),
         None => (exchange::BROADCAST_KEY.to_owned(), false),
     };
-    let routed = broker::publish(
-        &link.publish,
-        exchange::COMMANDS,
-        &key,
+    let m = Publish {
+        exchange: exchange::COMMANDS,
+        routing_key: key,
         mandatory,
-        &payload,
-        properties(id, table),
-        state.publish_timeout,
-    )
-    .await
-    .map_err(|e| {
-        warn!(error = %e, "publishing an event failed");
-        ApiError::broker_unavailable()
-    })?;
+        properties: properties(id, table),
+        body: payload,
+    };
+    let routed = link
+        .publish(0, m, state.publish_timeout)
+        .await
+        .map_err(|e| publish_failed("an event", e))?;
     match routed {
         Routed::Yes => Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id }))),
         Routed::Returned if mandatory => {
@@ -397,29 +412,31 @@ async fn request(
         )
     })?;
     let props = properties(id, table)
-        .with_reply_to(ShortString::from(link.reply_queue.clone()))
+        .with_reply_to(state.reply_queue.clone())
         .with_correlation_id(ShortString::from(id.to_string()))
         .with_expiration(ShortString::from(timeout_ms.to_string()));
     // `timeout_ms` bounds the whole call, the publish's confirm included.
+    let m = Publish {
+        exchange: exchange::COMMANDS,
+        routing_key: exchange::device_key(device),
+        mandatory: true,
+        properties: props,
+        body: payload,
+    };
     let publish_and_wait = async {
-        let routed = broker::publish(
-            &link.publish,
-            exchange::COMMANDS,
-            &exchange::device_key(device),
-            true,
-            &payload,
-            props,
-            state.publish_timeout,
-        )
-        .await
-        .map_err(|e| {
-            warn!(error = %e, "publishing a request failed");
-            ApiError::broker_unavailable()
-        })?;
+        let routed = link
+            .publish(0, m, state.publish_timeout)
+            .await
+            .map_err(|e| publish_failed("a request", e))?;
         if routed == Routed::Returned {
             return Err(ApiError::not_connected("no gateway holds this device"));
         }
-        Ok((&mut ticket.rx).await)
+        // The answer comes to this link's reply queue: if the link goes, so does
+        // the queue, and no answer will come.
+        tokio::select! {
+            r = &mut ticket.rx => Ok(r),
+            _ = link.lost().cancelled() => Ok(Ok(Reply::BrokerLost)),
+        }
     };
     match tokio::time::timeout(timeout, publish_and_wait).await {
         Ok(Err(e)) => Err(e),
@@ -437,6 +454,9 @@ async fn request(
                 })?
             };
             Ok(axum::Json(Answer { id, status, data }))
+        }
+        Ok(Ok(Ok(Reply::Undeliverable { reason }))) if reason == undeliverable::DEVICE_BUSY => {
+            Err(ApiError::device_busy())
         }
         Ok(Ok(Ok(Reply::Undeliverable { reason }))) => Err(ApiError::not_connected(format!(
             "the request could not be delivered: {reason}"
@@ -466,6 +486,7 @@ mod tests {
             link: rx,
             pending: Pending::new(10),
             publish_timeout: Duration::from_secs(1),
+            reply_queue: "replies".into(),
         };
         router(state, Tokens::new([TOKEN]), 1024, Router::new())
     }

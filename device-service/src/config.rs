@@ -19,15 +19,9 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 #[derive(Clone, Parser)]
 #[command(name = "device-service", version, about)]
 pub struct Config {
-    /// RabbitMQ URL, vhost included (percent-encoded; `%2f` is `/`).
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        value_parser = mosaic_runtime::config::amqp_url,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+    /// RabbitMQ: `AMQP_URL` and the reconnect and timeout bounds of the link.
+    #[command(flatten)]
+    pub broker: mosaic_amqp::BrokerArgs,
 
     /// Log format: `json` (one object a line) or `text`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -69,6 +63,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub hive_max_age_ms: u64,
 
+    /// Longest time one replica holds a failing message between attempts, in
+    /// milliseconds; past it the message waits out its next delay in the retry queue
+    /// instead. Keep it well below RabbitMQ's `consumer_timeout` (30 minutes by
+    /// default), which closes a channel that holds a delivery longer.
+    #[arg(long, env = "HIVE_HOLD_MAX_MS", default_value_t = 600_000,
+          value_parser = clap::value_parser!(u64).range(100..=1_500_000))]
+    pub hive_hold_max_ms: u64,
+
     /// First retry delay, in milliseconds; doubles with each attempt, with jitter.
     #[arg(long, env = "RETRY_BASE_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -101,11 +103,6 @@ pub struct Config {
     /// On shutdown, how long in-flight deliveries and requests may take to finish, in milliseconds.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
-
-    /// Longest wait between two attempts to reconnect to RabbitMQ, in milliseconds.
-    #[arg(long, env = "RECONNECT_MAX_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(10..))]
-    pub reconnect_max_ms: u64,
 }
 
 impl fmt::Debug for Config {
@@ -135,6 +132,7 @@ impl fmt::Debug for Config {
             .field("publish_timeout_ms", &self.publish_timeout_ms)
             .field("replica_id", &self.replica_id)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("hive_hold_max_ms", &self.hive_hold_max_ms)
             .finish_non_exhaustive()
     }
 }

@@ -4,20 +4,20 @@
 //! # Layout
 //!
 //! - [`config`]: the settings (flags mirrored by environment variables).
-//! - [`broker`]: RabbitMQ topology, the live connection ([`broker::Link`]) and
-//!   confirmed publishes.
-//! - [`relay`]: one task per delivery, POST to Hive, retry with backoff, dead-letter,
-//!   ack after the outcome.
+//! - [`broker`]: what the service asks of RabbitMQ: its queues, consumers and
+//!   topology, declared on every connection of the supervised link (`mosaic-amqp`).
+//! - [`relay`]: one task per delivery, POST to Hive, retry with backoff, park in the
+//!   retry queue, dead-letter, ack after the outcome.
 //! - [`hive`]: the POST body rebuilt from headers and body, its signature, and the
 //!   sorting of Hive's answers into delivered / retry / rejected.
 //! - [`pending`]: requests waiting for a device's answer, and the reply-queue consumer.
 //! - [`api`]: the REST API (bearer auth, events, requests, broadcast, OpenAPI).
 //! - [`metrics`]: every metric name.
 //!
-//! [`run`] ties them together: it serves HTTP on the given listener while a
-//! supervisor keeps one [`broker::Link`] alive, rebuilding it with capped backoff
+//! [`run`] ties them together: it serves HTTP on the given listener while
+//! `mosaic-amqp` keeps one whole link alive, rebuilding it with capped backoff
 //! whenever the broker goes away (`/readyz` is false and the API answers 503
-//! meanwhile).
+//! meanwhile, as while RabbitMQ blocks publishers).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), device_service::Error> {
@@ -48,9 +48,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
+use mosaic_amqp::{Amqp, Link};
 use mosaic_runtime::health::Readiness;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -60,7 +58,6 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
-use crate::broker::Link;
 use crate::pending::Pending;
 use crate::relay::{Relay, RetryPolicy};
 
@@ -107,7 +104,6 @@ pub async fn run(
     )?;
     let readiness = Readiness::new();
     let cancel = CancellationToken::new();
-    let (link_tx, link_rx) = watch::channel::<Option<Arc<Link>>>(None);
     let pending = Pending::new(config.max_pending_requests as usize);
     let relay = Arc::new(Relay {
         hive,
@@ -117,6 +113,7 @@ pub async fn run(
             max_attempts: config.hive_max_attempts,
             max_age: Duration::from_millis(config.hive_max_age_ms),
         },
+        hold_max: Duration::from_millis(config.hive_hold_max_ms),
         slots: Arc::new(Semaphore::new(concurrency)),
         tasks: TaskTracker::new(),
         shutdown: cancel.clone(),
@@ -130,21 +127,21 @@ pub async fn run(
         "device-service starting"
     );
 
-    let http_done = CancellationToken::new();
-    let supervisor = tokio::spawn(supervise(Supervisor {
-        url: config.amqp_url.clone(),
-        replica,
-        prefetch: config.hive_concurrency,
-        connect_timeout: config.publish_timeout().max(Duration::from_secs(5)),
-        reconnect_max: Duration::from_millis(config.reconnect_max_ms),
-        grace,
-        relay,
-        pending: pending.clone(),
-        link_tx,
-        readiness: readiness.clone(),
-        cancel: cancel.clone(),
-        http_done: http_done.clone(),
-    }));
+    let reply_queue = broker::reply_queue(&replica);
+    let (amqp, mut consumers) = Amqp::start(
+        config.broker.settings("device-service", replica.clone()),
+        broker::plan(&replica, config.hive_concurrency),
+        {
+            let reply_queue = reply_queue.clone();
+            move |ch| broker::declare(ch, reply_queue.clone())
+        },
+    );
+    let amqp = Arc::new(amqp);
+    let replies = consumers.remove(broker::REPLY_CONSUMER);
+    let deliveries = consumers.remove(broker::RELAY_CONSUMER);
+    let consuming = tokio::spawn(relay.clone().consume(deliveries));
+    tokio::spawn(pending.clone().consume(replies));
+    tokio::spawn(follow_link(amqp.watch(), readiness.clone(), cancel.clone()));
 
     tokio::spawn({
         let cancel = cancel.clone();
@@ -160,15 +157,36 @@ pub async fn run(
     });
 
     let state = api::ApiState {
-        link: link_rx,
-        pending,
+        link: amqp.watch(),
+        pending: pending.clone(),
         publish_timeout: config.publish_timeout(),
+        reply_queue,
     };
     let health = mosaic_runtime::health::router(readiness);
     let app = api::router(state, tokens, config.max_body_bytes as usize, health);
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.clone().cancelled_owned())
         .into_future();
+    // Once shutdown begins: no more deliveries, and the ones in flight finish or go
+    // back to the queue, within the grace period.
+    let drain = tokio::spawn({
+        let cancel = cancel.clone();
+        let relay = relay.clone();
+        let amqp = amqp.clone();
+        async move {
+            cancel.cancelled().await;
+            let deadline = tokio::time::Instant::now() + grace;
+            amqp.cancel_consumers().await;
+            let _ = consuming.await;
+            relay.tasks.close();
+            if tokio::time::timeout_at(deadline, relay.tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!("deliveries still running after the grace period; they will be redelivered");
+            }
+        }
+    });
     let served = tokio::select! {
         r = server => r,
         _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
@@ -176,180 +194,35 @@ pub async fn run(
             Ok(())
         }
     };
-    // Stop the supervisor too if the server ended by itself.
+    // Stop everything else too if the server ended by itself.
     cancel.cancel();
-    http_done.cancel();
-    if let Err(e) = supervisor.await {
-        warn!(error = %e, "broker supervisor panicked");
-    }
+    let _ = tokio::time::timeout(grace + Duration::from_secs(5), drain).await;
+    pending.fail_all();
+    amqp.shutdown().await;
     info!("device-service stopped");
     Ok(served?)
 }
 
-struct Supervisor {
-    url: String,
-    replica: String,
-    prefetch: u16,
-    connect_timeout: Duration,
-    reconnect_max: Duration,
-    grace: Duration,
-    relay: Arc<Relay>,
-    pending: Arc<Pending>,
-    link_tx: watch::Sender<Option<Arc<Link>>>,
+/// Keeps `/readyz` in step with the link: ready while a whole link can publish (not
+/// while RabbitMQ blocks publishers: the API then answers 503 at once) and until
+/// shutdown begins.
+async fn follow_link(
+    mut links: watch::Receiver<Option<Arc<Link>>>,
     readiness: Readiness,
     cancel: CancellationToken,
-    http_done: CancellationToken,
-}
-
-enum LinkEnd {
-    Lost,
-    Shutdown,
-}
-
-/// Keeps one link alive until shutdown.
-async fn supervise(s: Supervisor) {
-    let first = Duration::from_millis(100);
-    let mut backoff = first;
+) {
     loop {
-        if s.cancel.is_cancelled() {
-            break;
-        }
-        match broker::connect(&s.url, &s.replica, s.prefetch, s.connect_timeout).await {
-            Ok(link) => {
-                info!("connected to the broker");
-                backoff = first;
-                if let LinkEnd::Shutdown = serve_link(&s, link).await {
-                    return;
-                }
-            }
-            Err(e) => warn!(error = %e, ?backoff, "cannot connect to the broker; retrying"),
-        }
+        let up = links
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|l| l.can_publish());
+        readiness.set(up && !cancel.is_cancelled());
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = s.cancel.cancelled() => break,
-        }
-        backoff = (backoff * 2).min(s.reconnect_max);
-    }
-    // Shut down while disconnected: nothing holds a delivery that could still be acked.
-    s.relay.tasks.close();
-    let _ = tokio::time::timeout(s.grace, s.relay.tasks.wait()).await;
-}
-
-/// Runs the consumers on `link` until it fails or shutdown.
-async fn serve_link(s: &Supervisor, link: Link) -> LinkEnd {
-    // The replica id is checked to be short, so the tag is always a valid name.
-    let tag = broker::name(&format!("relay-{}", s.replica)).unwrap_or_default();
-    let consumers = async {
-        let relay = link
-            .relay
-            .basic_consume(
-                broker::RELAY_QUEUE.into(),
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let replies = link
-            .replies
-            .basic_consume(
-                broker::name(&link.reply_queue).unwrap_or_else(|_| "".into()),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok::<_, lapin::Error>((relay, replies))
-    };
-    let (relay_consumer, reply_consumer) = match consumers.await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "cannot start consumers");
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), link.conn.close(320, "".into())).await;
-            return LinkEnd::Lost;
-        }
-    };
-    let link = Arc::new(link);
-    let stop = CancellationToken::new();
-    s.link_tx.send_replace(Some(link.clone()));
-    if !s.cancel.is_cancelled() {
-        s.readiness.set(true);
-    }
-    let end = tokio::select! {
-        _ = s.relay.consume(relay_consumer, link.clone(), stop.clone()) => LinkEnd::Lost,
-        _ = s.pending.consume(reply_consumer) => LinkEnd::Lost,
-        _ = watch_link(&link, &s.readiness, &s.cancel) => LinkEnd::Lost,
-        _ = s.cancel.cancelled() => LinkEnd::Shutdown,
-    };
-    stop.cancel();
-    s.readiness.set(false);
-    match end {
-        LinkEnd::Lost => {
-            warn!("lost the broker connection; reconnecting");
-            s.link_tx.send_replace(None);
-            s.pending.fail_all();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), link.conn.close(320, "".into())).await;
-        }
-        LinkEnd::Shutdown => {
-            let deadline = tokio::time::Instant::now() + s.grace;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                link.relay.basic_cancel(tag, BasicCancelOptions::default()),
-            )
-            .await;
-            s.relay.tasks.close();
-            if tokio::time::timeout_at(deadline, s.relay.tasks.wait())
-                .await
-                .is_err()
-            {
-                warn!("deliveries still running after the grace period; they will be redelivered");
+            r = links.changed() => if r.is_err() { return },
+            _ = cancel.cancelled() => {
+                readiness.set(false);
+                return;
             }
-            let _ = tokio::time::timeout_at(deadline, s.http_done.cancelled()).await;
-            s.link_tx.send_replace(None);
-            s.pending.fail_all();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                link.conn.close(200, "shutdown".into()),
-            )
-            .await;
-        }
-    }
-    end
-}
-
-/// Resolves when the connection or one of its channels fails. While RabbitMQ blocks
-/// publishers (an alarm), the link is marked blocked and the replica not ready, so the
-/// API answers 503 at once instead of waiting for a confirm that will not come.
-async fn watch_link(link: &Link, readiness: &Readiness, cancel: &CancellationToken) {
-    let mut events = link.conn.events_listener();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            ev = events.next() => match ev {
-                Some(lapin::Event::Error(e)) => {
-                    warn!(error = %e, "broker connection error");
-                    return;
-                }
-                Some(lapin::Event::ConnectionBlocked(reason)) => {
-                    warn!(reason, "the broker blocks publishers");
-                    link.blocked.store(true, std::sync::atomic::Ordering::Release);
-                    readiness.set(false);
-                }
-                Some(lapin::Event::ConnectionUnblocked) => {
-                    info!("the broker accepts publishers again");
-                    link.blocked.store(false, std::sync::atomic::Ordering::Release);
-                    if !cancel.is_cancelled() {
-                        readiness.set(true);
-                    }
-                }
-                Some(_) => {}
-                None => return,
-            },
-            _ = tick.tick() => if !link.is_open() { return },
         }
     }
 }

@@ -15,11 +15,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
-use lapin::Consumer;
+use mosaic_amqp::Incoming;
 use mosaic_protocol::command::ReplyKind;
 use mosaic_protocol::header;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 use uuid::Uuid;
 
@@ -124,9 +123,9 @@ impl Pending {
         self.len() == 0
     }
 
-    /// Reads the reply queue (no-ack) until the consumer ends.
-    pub async fn consume(&self, mut consumer: Consumer) {
-        while let Some(Ok(d)) = consumer.next().await {
+    /// Reads the reply queue's deliveries (no-ack) until their channel ends.
+    pub async fn consume(self: Arc<Self>, mut replies: mpsc::Receiver<Incoming>) {
+        while let Some(Incoming { delivery: d, .. }) = replies.recv().await {
             let headers = d.properties.headers().as_ref();
             let Some(id) = d
                 .properties

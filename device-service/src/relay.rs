@@ -9,25 +9,36 @@
 //! When Hive is down, every slot is waiting, the broker keeps the rest of the queue,
 //! and nothing spins: the delays are capped at `RETRY_MAX_MS`, not removed. Delivery
 //! resumes by itself at the next attempt after Hive is back.
+//!
+//! A delivery is never held past `HIVE_HOLD_MAX_MS` (RabbitMQ closes a channel that
+//! keeps a delivery unacked longer than its `consumer_timeout`): when the next wait
+//! would pass that bound, a copy is parked in the retry queue with its attempt
+//! count, the original is acked, and RabbitMQ puts the copy back on the relay queue
+//! once it expires (after `RETRY_MAX_MS`).
+//!
+//! Copies (parked or dead-lettered) are built from the original's headers without
+//! any name RabbitMQ interprets (`CC`, `BCC`, `x-...`), so nothing in the original
+//! can route a copy anywhere else; the service then adds its own `x-mosaic-*` names.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
-use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Consumer};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use mosaic_amqp::{Incoming, Link, Publish, Routed};
 use mosaic_protocol::header;
 use rand::Rng;
 use reqwest::header::HeaderValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::broker::{self, DEAD_LETTER_QUEUE, Link, Routed, long};
+use crate::broker::{DEAD_LETTER_QUEUE, RETRY_QUEUE, long};
 use crate::hive::{self, Hive, Outcome};
 use crate::metrics;
 
@@ -43,6 +54,8 @@ pub const LAST_ERROR_HEADER: &str = "x-mosaic-last-error";
 pub const EXCHANGE_HEADER: &str = "x-mosaic-exchange";
 /// Dead-letter header: the original routing key.
 pub const ROUTING_KEY_HEADER: &str = "x-mosaic-routing-key";
+/// Parked copies: the POSTs made before the copy was parked (the count goes on).
+pub const PARKED_ATTEMPTS_HEADER: &str = "x-mosaic-parked-attempts";
 
 /// Values of [`REASON_HEADER`].
 pub mod reason {
@@ -100,6 +113,8 @@ pub struct Relay {
     pub hive: Hive,
     /// Retry policy.
     pub policy: RetryPolicy,
+    /// Longest one replica holds a failing delivery before parking it.
+    pub hold_max: Duration,
     /// Slots for deliveries in flight.
     pub slots: Arc<Semaphore>,
     /// Tracks every delivery task, for the shutdown drain.
@@ -111,45 +126,34 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Takes deliveries from `consumer` until it ends (connection lost, consumer
-    /// cancelled) or `stop` is cancelled, each in its own task.
-    pub async fn consume(
-        self: &Arc<Self>,
-        mut consumer: Consumer,
-        link: Arc<Link>,
-        stop: CancellationToken,
-    ) {
+    /// Takes deliveries until their channel ends or shutdown, each in its own task.
+    pub async fn consume(self: Arc<Self>, mut deliveries: mpsc::Receiver<Incoming>) {
         loop {
             let permit = tokio::select! {
                 p = self.slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                _ = stop.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
             };
-            let delivery = tokio::select! {
-                d = consumer.next() => d,
-                _ = stop.cancelled() => return,
+            let incoming = tokio::select! {
+                d = deliveries.recv() => d,
+                _ = self.shutdown.cancelled() => return,
             };
-            let delivery = match delivery {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => {
-                    warn!(error = %e, "relay consumer failed");
-                    return;
-                }
-                None => {
-                    info!("relay consumer ended");
-                    return;
-                }
+            let Some(incoming) = incoming else {
+                info!("relay deliveries ended");
+                return;
             };
-            let this = Arc::clone(self);
-            let link = link.clone();
-            let stop = stop.clone();
+            if incoming.is_stale() {
+                // Its connection is gone: the broker redelivers it.
+                continue;
+            }
+            let this = Arc::clone(&self);
             let span = tracing::info_span!(
                 "delivery",
-                routing_key = %delivery.routing_key,
-                redelivered = delivery.redelivered,
+                routing_key = %incoming.delivery.routing_key,
+                redelivered = incoming.delivery.redelivered,
             );
             self.tasks.spawn(
                 async move {
-                    this.deliver(delivery, &link, &stop).await;
+                    this.deliver(&incoming.delivery, &incoming.link).await;
                     drop(permit);
                 }
                 .instrument(span),
@@ -157,10 +161,12 @@ impl Relay {
         }
     }
 
-    /// Delivers one message: POST until 2xx, dead-letter, or shutdown. `link_lost` is
-    /// cancelled when the connection the message came on is gone: the broker has
-    /// requeued it already, so the task lets it go.
-    async fn deliver(&self, delivery: Delivery, link: &Link, link_lost: &CancellationToken) {
+    /// Delivers one message: POST until 2xx, park, dead-letter, or shutdown. When
+    /// `link` is lost the broker has requeued the message already, so the task lets
+    /// it go.
+    async fn deliver(&self, delivery: &Delivery, link: &Arc<Link>) {
+        let link_lost = link.lost();
+        let held_since = Instant::now();
         let headers = delivery.properties.headers().as_ref();
         let message_id = header_str(headers, header::MESSAGE_ID).or_else(|| {
             delivery
@@ -176,25 +182,20 @@ impl Relay {
         else {
             let error = "the message has no usable message_id";
             return self
-                .dead_letter(&delivery, link, Failure::malformed(error), link_lost)
+                .dead_letter(delivery, link, Failure::malformed(error), link_lost)
                 .await;
         };
         let body = match hive::body(headers, &delivery.data) {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 return self
-                    .dead_letter(
-                        &delivery,
-                        link,
-                        Failure::malformed(e.to_string()),
-                        link_lost,
-                    )
+                    .dead_letter(delivery, link, Failure::malformed(e.to_string()), link_lost)
                     .await;
             }
         };
         let first_seen = SystemTime::now();
         let received_at = header_str(headers, header::RECEIVED_AT).and_then(parse_rfc3339);
-        let mut attempts = 0u32;
+        let mut attempts = parked_attempts(headers);
         loop {
             attempts += 1;
             let started = std::time::Instant::now();
@@ -217,7 +218,7 @@ impl Relay {
                     );
                     return self
                         .dead_letter(
-                            &delivery,
+                            delivery,
                             link,
                             Failure {
                                 why: reason::REJECTED,
@@ -248,7 +249,7 @@ impl Relay {
                         );
                         return self
                             .dead_letter(
-                                &delivery,
+                                delivery,
                                 link,
                                 Failure {
                                     why: reason::EXHAUSTED,
@@ -261,6 +262,10 @@ impl Relay {
                             .await;
                     }
                     let delay = self.policy.delay(attempts, retry_after);
+                    if held_since.elapsed() + delay > self.hold_max {
+                        debug!(message_id, attempts, "held long enough; parking");
+                        return self.park(delivery, link, attempts).await;
+                    }
                     info!(
                         message_id,
                         attempts,
@@ -275,7 +280,7 @@ impl Relay {
                         biased;
                         _ = self.shutdown.cancelled() => {
                             debug!(message_id, "shutting down; handing the message back");
-                            return requeue(&delivery).await;
+                            return requeue(delivery).await;
                         }
                         _ = link_lost.cancelled() => {
                             debug!(message_id, "connection lost; the broker redelivers the message");
@@ -289,12 +294,46 @@ impl Relay {
         }
     }
 
+    /// Publishes a copy to the retry queue (confirmed), then acks the original; the
+    /// copy comes back to the relay queue when it expires. When that publish fails,
+    /// the original goes back to the queue at once.
+    async fn park(&self, delivery: &Delivery, link: &Arc<Link>, attempts: u32) {
+        let mut headers = copy_headers(delivery.properties.headers().as_ref());
+        headers.insert(
+            PARKED_ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        let expiration = self.policy.max.as_millis().to_string();
+        let props =
+            copy_properties(delivery, headers).with_expiration(ShortString::from(expiration));
+        let copy = Publish {
+            exchange: "",
+            routing_key: RETRY_QUEUE.to_owned(),
+            mandatory: true,
+            properties: props,
+            body: delivery.data.clone(),
+        };
+        match link.publish(0, copy, self.publish_timeout).await {
+            Ok(Routed::Yes) => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    // The original comes back too: delivered at least once.
+                    warn!(error = %e, "ack after parking failed");
+                }
+                metrics::delivery_finished("parked");
+            }
+            other => {
+                warn!(result = ?other, "cannot park the message; handing it back");
+                requeue(delivery).await;
+            }
+        }
+    }
+
     /// Publishes a copy to the dead-letter queue (confirmed), then acks the original.
     /// When that publish fails, the original goes back to the queue after a pause.
     async fn dead_letter(
         &self,
         delivery: &Delivery,
-        link: &Link,
+        link: &Arc<Link>,
         failure: Failure,
         link_lost: &CancellationToken,
     ) {
@@ -304,41 +343,30 @@ impl Relay {
             attempts,
             error,
         } = failure;
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers
-            .insert(REASON_HEADER.into(), long(why))
-            .insert(
-                STATUS_HEADER.into(),
-                AMQPValue::LongLongInt(i64::from(status)),
-            )
-            .insert(
-                ATTEMPTS_HEADER.into(),
-                AMQPValue::LongLongInt(i64::from(attempts)),
-            )
-            .insert(LAST_ERROR_HEADER.into(), long(truncate(&error, 1024)))
-            .insert(EXCHANGE_HEADER.into(), long(delivery.exchange.as_str()))
-            .insert(
-                ROUTING_KEY_HEADER.into(),
-                long(delivery.routing_key.as_str()),
-            );
-        let mut props = BasicProperties::default()
-            .with_headers(headers)
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        if let Some(id) = delivery.properties.message_id() {
-            props = props.with_message_id(id.clone());
-        }
-        let res = broker::publish(
-            &link.publish,
-            "",
-            DEAD_LETTER_QUEUE,
-            true,
-            &delivery.data,
-            props,
-            self.publish_timeout,
-        )
-        .await;
-        let error = match res {
+        let mut headers = copy_headers(delivery.properties.headers().as_ref());
+        headers.insert(REASON_HEADER.into(), long(why));
+        headers.insert(
+            STATUS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(status)),
+        );
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        headers.insert(LAST_ERROR_HEADER.into(), long(truncate(&error, 1024)));
+        headers.insert(EXCHANGE_HEADER.into(), long(delivery.exchange.as_str()));
+        headers.insert(
+            ROUTING_KEY_HEADER.into(),
+            long(delivery.routing_key.as_str()),
+        );
+        let copy = Publish {
+            exchange: "",
+            routing_key: DEAD_LETTER_QUEUE.to_owned(),
+            mandatory: true,
+            properties: copy_properties(delivery, headers),
+            body: delivery.data.clone(),
+        };
+        let error = match link.publish(0, copy, self.publish_timeout).await {
             Ok(Routed::Yes) => {
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     warn!(error = %e, "ack after dead-lettering failed");
@@ -357,6 +385,45 @@ impl Relay {
             _ = link_lost.cancelled() => {}
         }
         requeue(delivery).await;
+    }
+}
+
+/// The original's headers for a copy: without any name RabbitMQ interprets
+/// (`CC`, `BCC`, `x-...` in any letter case), so nothing from the original can route
+/// the copy elsewhere or drive a broker feature. This service's own `x-mosaic-*`
+/// names go too; each kind of copy adds the ones it needs.
+pub fn copy_headers(original: Option<&FieldTable>) -> FieldTable {
+    let mut t = FieldTable::default();
+    if let Some(original) = original {
+        for (k, v) in original.inner() {
+            if !mosaic_protocol::header::is_broker_interpreted(k.as_str()) {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    t
+}
+
+fn copy_properties(delivery: &Delivery, headers: FieldTable) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    if let Some(id) = delivery.properties.message_id() {
+        props = props.with_message_id(id.clone());
+    }
+    if let Some(t) = delivery.properties.timestamp() {
+        props = props.with_timestamp(*t);
+    }
+    props
+}
+
+/// The attempts a parked copy had made before it was parked.
+fn parked_attempts(headers: Option<&FieldTable>) -> u32 {
+    let value = headers.and_then(|h| h.inner().get(PARKED_ATTEMPTS_HEADER));
+    match value {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
     }
 }
 

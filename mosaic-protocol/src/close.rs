@@ -9,6 +9,9 @@ pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// The server met an unexpected condition; also sent when a device answered no ping
 /// in time (the reason text says which).
 pub const INTERNAL_ERROR: u16 = 1011;
+/// The gateway cannot serve the session now (its broker link is down, or binding
+/// the device's command route failed); reconnect after a pause, to any replica.
+pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Bad token, or the token expired without refresh.
 pub const UNAUTHORIZED: u16 = 4401;
 /// A refresh token named a different device (`sub`).
@@ -39,6 +42,9 @@ pub enum DisconnectReason {
     SlowConsumer,
     /// The device kept sending bad frames, or sent one over the size limit.
     PolicyViolation,
+    /// The gateway could not set the session up with RabbitMQ (closed with 1013
+    /// before `welcome`).
+    BrokerUnavailable,
     /// Anything else: an I/O error on the socket.
     Error,
 }
@@ -55,6 +61,7 @@ impl DisconnectReason {
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::PolicyViolation => "policy_violation",
+            DisconnectReason::BrokerUnavailable => "broker_unavailable",
             DisconnectReason::Error => "error",
         }
     }

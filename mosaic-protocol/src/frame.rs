@@ -32,6 +32,9 @@ pub mod code {
     pub const UNAVAILABLE: &str = "unavailable";
     /// `nack`: the broker refused the message (negative publisher confirm).
     pub const REJECTED: &str = "rejected";
+    /// `nack`: no queue takes the message (nothing consumes device events yet, for
+    /// instance before device-service first started); send it again later.
+    pub const UNROUTABLE: &str = "unroutable";
 }
 
 /// A frame a device sends.
@@ -201,7 +204,7 @@ pub enum ServerFrame {
     Nack {
         /// The device's id of the event.
         id: String,
-        /// [`code::UNAVAILABLE`] or [`code::REJECTED`].
+        /// [`code::UNAVAILABLE`], [`code::REJECTED`] or [`code::UNROUTABLE`].
         code: String,
     },
     /// A frame was refused; the connection stays open unless a close follows.

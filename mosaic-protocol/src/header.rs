@@ -38,6 +38,17 @@ pub fn is_reserved(name: &str) -> bool {
     INJECTED.contains(&name)
 }
 
+/// Whether RabbitMQ itself reads a header of this name: `CC` and `BCC` add routing
+/// keys, and names starting `x-` drive broker features (dead-lettering, delays,
+/// the headers exchange). Any letter case: a name that differs only in case from
+/// one the broker reads is refused too. No field a device or Hive supplies may
+/// carry such a name.
+pub fn is_broker_interpreted(name: &str) -> bool {
+    name.eq_ignore_ascii_case("cc")
+        || name.eq_ignore_ascii_case("bcc")
+        || name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+}
+
 /// `kind` of a device event on `mosaic.events`.
 pub const KIND_EVENT: &str = "event";
 /// `kind` of a lifecycle message on `mosaic.events`.

@@ -1,58 +1,47 @@
-//! The RabbitMQ side: one connection per replica, re-established by a supervisor.
+//! The RabbitMQ side of a replica, on the supervised link of `mosaic-amqp`.
 //!
-//! The supervisor connects, declares `mosaic.events` and `mosaic.commands` (topic,
-//! durable) and `mosaic.commands.devices` (direct, durable, bound to `mosaic.commands`
-//! with `device.*`), opens a few confirm-mode publish channels, declares this
-//! replica's exclusive, auto-delete queue `mosaic.gateway.<gateway-id>` bound to
-//! `broadcast` on `mosaic.commands`, and consumes it on a second channel. When the
-//! connection is lost it marks the broker unavailable (`/readyz` false, events get
-//! `nack` `unavailable`), reconnects with backoff and rebinds every device the
-//! registry holds: bindings are restored from the sessions this replica holds, not
-//! replayed from history.
+//! Every connection gets: `mosaic.events` and `mosaic.commands` (topic, durable),
+//! `mosaic.commands.devices` (direct, durable, bound to `mosaic.commands` with
+//! `device.*`), a few confirm-mode publish channels, and this replica's exclusive,
+//! auto-delete queue `mosaic.gateway.<gateway-id>` bound to `broadcast`, consumed
+//! on a channel of its own. Commands leave this module through a bounded channel
+//! ([`Broker::start`] returns its receiver); what to bind again after a reconnect
+//! comes in through the [`Held`] callback. This module knows nothing of sessions.
 //!
 //! Each device is served by one publish channel (picked from its id), so its events,
 //! lifecycle messages and bindings reach the broker in order.
 //!
 //! Per-device bindings (`device.<uuid>`) are made on the direct exchange
 //! `mosaic.commands.devices`, not on the topic exchange: a direct binding is one
-//! route row in the broker, where a topic binding also updates the topic trie, and
-//! a device connect is dominated by that cost. Publishers are unaffected: they still
-//! publish `device.<uuid>` to `mosaic.commands`, the exchange-to-exchange binding
-//! forwards it, and a `mandatory` message that reaches no queue at the end of the
-//! chain still comes back.
+//! route row in the broker, where a topic binding also updates the topic trie, and a
+//! device connect is dominated by that cost. Publishers still publish `device.<uuid>`
+//! to `mosaic.commands`; the exchange-to-exchange binding forwards it, and a
+//! `mandatory` message that reaches no queue at the end of the chain still comes back.
 //!
-//! The bindings go through one topology task, in order, on the device's publish
-//! channel: binds with `nowait`, so thousands of connects per second do not wait a
-//! round trip each; a later publish on the same channel (the session's takeover
-//! notice) is confirmed only after the broker applied the bind.
+//! Bindings go through one topology task, in order, on the device's publish channel,
+//! with `nowait`, so thousands of connects per second do not wait a round trip each;
+//! a later publish on the same channel (the session's takeover notice) is confirmed
+//! only after the broker applied the bind, and fails if the bind failed (a failed
+//! bind closes the channel). When a new link comes up the task binds every device
+//! the replica holds, and the replica is ready only once that is done.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
+use mosaic_amqp::{Amqp, Consume, Incoming, Link, Plan, Publish, Routed, Settings};
 use mosaic_protocol::exchange;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::gateway::Gateway;
 use crate::message::Outgoing;
 use crate::metrics;
 
-/// How long one connection attempt (and its topology set-up) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Backoff between connection attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Confirm-mode publish channels. RabbitMQ runs each channel in one process, so a
 /// few of them let the broker use more than one core for a replica's traffic.
 const PUBLISH_CHANNELS: usize = 4;
@@ -63,46 +52,51 @@ const TOPOLOGY_QUEUE: usize = 4096;
 
 /// Why a message was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishError {
-    /// No broker connection, or no confirm within the publish timeout.
+    /// No broker connection, an alarm, or no confirm within the publish timeout.
     #[error("broker unavailable")]
     Unavailable,
-    /// The broker answered with a negative confirm.
+    /// The broker answered with a negative confirm, or the message cannot be sent.
     #[error("broker rejected the message")]
     Rejected,
+    /// No queue took the message (`mandatory` publish returned).
+    #[error("no queue takes the message")]
+    Unroutable,
 }
 
-/// Why the broker connection could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// An AMQP operation failed.
-    #[error(transparent)]
-    Amqp(#[from] lapin::Error),
-    /// The attempt took longer than its timeout.
-    #[error("timed out")]
-    Timeout,
-    /// `AMQP_URL` does not parse. The parser's message can quote the whole URL,
-    /// password included, so it is not kept.
-    #[error("AMQP_URL is not a valid AMQP URL")]
-    Url,
+/// Which devices this replica holds: what the topology task binds again on a new
+/// connection, and whether an unbind is still due.
+pub(crate) trait Held: Send + Sync + 'static {
+    /// Every device held now.
+    fn devices(&self) -> Vec<Uuid>;
+    /// Whether a session of `device` is held now.
+    fn holds(&self, device: Uuid) -> bool;
+}
+
+/// What readiness depends on: the link, and the generation whose bindings are made.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    pub links: watch::Receiver<Option<Arc<Link>>>,
+    pub synced: watch::Receiver<u64>,
 }
 
 enum TopologyOp {
-    Bind(Uuid, oneshot::Sender<()>),
+    /// Bind the device; answer whether the bind was sent on a link.
+    Bind(Uuid, oneshot::Sender<bool>),
     Unbind(Uuid),
-    Resync,
 }
 
-/// Handle to the broker connection shared by every session.
+/// Handle to the replica's broker link, shared by every session.
 #[derive(Debug)]
 pub(crate) struct Broker {
-    url: String,
     queue: String,
-    /// The confirm-mode publish channels; empty while disconnected.
-    channels: RwLock<Vec<Channel>>,
+    publish_timeout: Duration,
+    amqp: OnceLock<Amqp>,
     topology: mpsc::Sender<TopologyOp>,
     topology_rx: std::sync::Mutex<Option<mpsc::Receiver<TopologyOp>>>,
-    publish_timeout: Duration,
+    /// The generation of the link whose device bindings are all made.
+    synced: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for TopologyOp {
@@ -110,39 +104,77 @@ impl std::fmt::Debug for TopologyOp {
         match self {
             TopologyOp::Bind(d, _) => write!(f, "Bind({d})"),
             TopologyOp::Unbind(d) => write!(f, "Unbind({d})"),
-            TopologyOp::Resync => write!(f, "Resync"),
         }
     }
 }
 
 impl Broker {
-    pub fn new(url: String, gateway: Uuid, publish_timeout: Duration) -> Self {
+    /// A handle that is not connected yet ([`Broker::start`] connects).
+    pub fn new(gateway: Uuid, publish_timeout: Duration) -> Self {
         let (tx, rx) = mpsc::channel(TOPOLOGY_QUEUE);
         Broker {
-            url,
             queue: format!("mosaic.gateway.{gateway}"),
-            channels: RwLock::new(Vec::new()),
+            publish_timeout,
+            amqp: OnceLock::new(),
             topology: tx,
             topology_rx: std::sync::Mutex::new(Some(rx)),
-            publish_timeout,
+            synced: watch::channel(0).0,
         }
     }
 
-    /// The publish channel of `device`: every message and binding about one device
-    /// goes through the same channel, so the broker applies them in order.
-    fn channel_for(&self, device: Uuid) -> Option<Channel> {
-        let channels = self.channels.read().unwrap();
-        if channels.is_empty() {
-            return None;
+    /// Starts the supervised link and the topology task; returns this replica's
+    /// command deliveries. Call once.
+    pub fn start(
+        self: &Arc<Self>,
+        settings: Settings,
+        held: Arc<dyn Held>,
+    ) -> mpsc::Receiver<Incoming> {
+        let queue = ShortString::from(self.queue.clone());
+        let plan = Plan {
+            publishers: PUBLISH_CHANNELS,
+            consumers: vec![Consume {
+                queue: queue.clone(),
+                tag: ShortString::from(format!("{}-consumer", self.queue)),
+                prefetch: COMMAND_PREFETCH,
+                no_ack: false,
+                exclusive: true,
+                buffer: usize::from(COMMAND_PREFETCH),
+            }],
+        };
+        let (amqp, mut rx) = Amqp::start(settings, plan, move |ch| declare(ch, queue.clone()));
+        let links = amqp.watch();
+        assert!(self.amqp.set(amqp).is_ok(), "the broker starts once");
+        let ops = self.topology_rx.lock().unwrap().take();
+        if let Some(ops) = ops {
+            tokio::spawn(topology_task(self.clone(), held, ops, links));
         }
-        let i = (device.as_u128() % channels.len() as u128) as usize;
-        Some(channels[i].clone())
+        rx.remove(0)
     }
 
-    /// Whether the publish channels are open now.
-    pub fn available(&self) -> bool {
-        let channels = self.channels.read().unwrap();
-        !channels.is_empty() && channels.iter().all(|c| c.status().connected())
+    /// Closes the link (bounded); nothing is published afterwards.
+    pub async fn shutdown(&self) {
+        if let Some(a) = self.amqp.get() {
+            a.shutdown().await;
+        }
+    }
+
+    fn link(&self) -> Option<Arc<Link>> {
+        self.amqp.get().and_then(Amqp::link)
+    }
+
+    /// Follows the link and its bindings: changes whenever readiness may have.
+    pub fn watch(&self) -> Option<Watch> {
+        let a = self.amqp.get()?;
+        Some(Watch {
+            links: a.watch(),
+            synced: self.synced.subscribe(),
+        })
+    }
+
+    /// Ready: a link that can publish, with every held device bound on it.
+    pub fn ready(&self) -> bool {
+        self.link()
+            .is_some_and(|l| l.can_publish() && *self.synced.borrow() == l.generation())
     }
 
     /// Publishes `m` and waits for the broker's confirm, at most the publish timeout.
@@ -151,157 +183,71 @@ impl Broker {
         &self,
         m: Outgoing,
     ) -> impl Future<Output = Result<(), PublishError>> + Send + 'static {
-        let channel = self.channel_for(m.device);
+        let link = self.link();
         let timeout = self.publish_timeout;
         async move {
-            let channel = channel.ok_or(PublishError::Unavailable)?;
-            let key = ShortString::try_new(m.routing_key).map_err(|_| PublishError::Rejected)?;
+            let link = link.ok_or(PublishError::Unavailable)?;
+            let mandatory = m.mandatory;
+            let publish = Publish {
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+                mandatory,
+                properties: m.properties,
+                body: m.body,
+            };
             let started = Instant::now();
-            let confirmed = tokio::time::timeout(timeout, async {
-                channel
-                    .basic_publish(
-                        m.exchange.into(),
-                        key,
-                        BasicPublishOptions::default(),
-                        &m.body,
-                        m.properties,
-                    )
-                    .await?
-                    .await
-            })
-            .await;
-            match confirmed {
-                Ok(Ok(c)) if c.is_ack() => {
+            match link.publish(channel_of(m.device), publish, timeout).await {
+                Ok(Routed::Yes) => {
                     metrics::confirm_latency(started.elapsed().as_secs_f64());
                     Ok(())
                 }
-                Ok(Ok(_)) => Err(PublishError::Rejected),
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "publish failed");
-                    Err(PublishError::Unavailable)
+                Ok(Routed::Returned) => Err(PublishError::Unroutable),
+                Err(e) => {
+                    tracing::debug!(error = %e, "publish not confirmed");
+                    Err(match e {
+                        mosaic_amqp::PublishError::Nacked
+                        | mosaic_amqp::PublishError::NameTooLong
+                        | mosaic_amqp::PublishError::HeadersTooLarge { .. } => {
+                            PublishError::Rejected
+                        }
+                        _ => PublishError::Unavailable,
+                    })
                 }
-                Err(_) => Err(PublishError::Unavailable),
             }
         }
     }
 
-    /// Binds `device.<device>` on the direct exchange to this replica's queue; returns
-    /// once the bind was sent on the publish channel (publish after it to know it was applied).
-    pub async fn bind(&self, device: Uuid) {
+    /// Binds `device.<device>` on the direct exchange to this replica's queue. True
+    /// once the bind was sent on a live link: a confirmed publish on the device's
+    /// channel after it proves the broker applied it.
+    pub async fn bind(&self, device: Uuid) -> bool {
         let (tx, rx) = oneshot::channel();
-        let _ = tokio::time::timeout(self.publish_timeout, async {
-            if self
-                .topology
+        let sent = tokio::time::timeout(self.publish_timeout, async {
+            self.topology
                 .send(TopologyOp::Bind(device, tx))
                 .await
                 .is_ok()
-            {
-                let _ = rx.await;
-            }
+                && rx.await.unwrap_or(false)
         })
         .await;
+        sent.unwrap_or(false)
     }
 
-    /// Removes the device's binding unless a session of it is registered again by
-    /// the time the topology task gets to it.
+    /// Removes the device's binding unless a session of it is held again by the time
+    /// the topology task gets to it.
     pub async fn unbind(&self, device: Uuid) {
         let op = self.topology.send(TopologyOp::Unbind(device));
         let _ = tokio::time::timeout(self.publish_timeout, op).await;
     }
-
-    /// Runs the topology task and the connection supervisor until `stop`.
-    pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
-        let rx = gw.broker.topology_rx.lock().unwrap().take();
-        let topology = rx.map(|rx| tokio::spawn(topology_task(gw.clone(), rx)));
-        supervise(&gw, &stop).await;
-        if let Some(t) = topology {
-            t.abort();
-        }
-    }
 }
 
-async fn topology_task(gw: Arc<Gateway>, mut rx: mpsc::Receiver<TopologyOp>) {
-    let broker = &gw.broker;
-    let queue = ShortString::from(broker.queue.clone());
-    let bind = |ch: Channel, device: Uuid| {
-        let queue = queue.clone();
-        async move {
-            let key = ShortString::from(exchange::device_key(device));
-            ch.queue_bind(
-                queue,
-                exchange::COMMANDS_DEVICES.into(),
-                key,
-                QueueBindOptions { nowait: true },
-                FieldTable::default(),
-            )
-            .await
-        }
-    };
-    while let Some(op) = rx.recv().await {
-        if broker.channels.read().unwrap().is_empty() {
-            // Reconnecting: the resync after the connection comes back binds everyone.
-            continue;
-        }
-        match op {
-            TopologyOp::Bind(device, done) => {
-                let Some(ch) = broker.channel_for(device) else {
-                    continue;
-                };
-                if let Err(e) = bind(ch, device).await {
-                    tracing::warn!(%device, error = %e, "queue.bind failed");
-                }
-                let _ = done.send(());
-            }
-            TopologyOp::Unbind(device) => {
-                if gw.registry.contains(device) {
-                    continue;
-                }
-                let Some(ch) = broker.channel_for(device) else {
-                    continue;
-                };
-                let key = ShortString::from(exchange::device_key(device));
-                let res = tokio::time::timeout(
-                    broker.publish_timeout,
-                    ch.queue_unbind(
-                        queue.clone(),
-                        exchange::COMMANDS_DEVICES.into(),
-                        key,
-                        FieldTable::default(),
-                    ),
-                )
-                .await;
-                if !matches!(res, Ok(Ok(()))) {
-                    tracing::debug!(%device, "queue.unbind failed; the queue goes with the connection");
-                }
-            }
-            TopologyOp::Resync => {
-                let devices = gw.registry.devices();
-                let n = devices.len();
-                for device in devices {
-                    let Some(ch) = broker.channel_for(device) else {
-                        break;
-                    };
-                    if let Err(e) = bind(ch, device).await {
-                        tracing::warn!(%device, error = %e, "queue.bind failed during resync");
-                        break;
-                    }
-                }
-                tracing::info!(devices = n, "device bindings restored");
-            }
-        }
-    }
+/// The publish channel of a device.
+fn channel_of(device: Uuid) -> usize {
+    (device.as_u128() % PUBLISH_CHANNELS as u128) as usize
 }
 
-async fn setup(broker: &Broker) -> Result<(Connection, Vec<Channel>, Consumer), ConnectError> {
-    let uri: AMQPUri = broker.url.parse().map_err(|_| ConnectError::Url)?;
-    let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
-    let mut channels = Vec::with_capacity(PUBLISH_CHANNELS);
-    for _ in 0..PUBLISH_CHANNELS {
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        channels.push(ch);
-    }
-    let ch = &channels[0];
+/// The topology every connection of a replica needs.
+async fn declare(ch: Channel, queue: ShortString) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -323,7 +269,6 @@ async fn setup(broker: &Broker) -> Result<(Connection, Vec<Channel>, Consumer), 
         FieldTable::default(),
     )
     .await?;
-    let queue = ShortString::from(broker.queue.clone());
     ch.queue_declare(
         queue.clone(),
         QueueDeclareOptions {
@@ -335,123 +280,102 @@ async fn setup(broker: &Broker) -> Result<(Connection, Vec<Channel>, Consumer), 
     )
     .await?;
     ch.queue_bind(
-        queue.clone(),
+        queue,
         exchange::COMMANDS.into(),
         exchange::BROADCAST_KEY.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
-    .await?;
-    let consume = conn.create_channel().await?;
-    // Bounded: at most this many commands on their way from the broker at once.
-    consume
-        .basic_qos(COMMAND_PREFETCH, BasicQosOptions::default())
-        .await?;
-    let consumer = consume
-        .basic_consume(
-            queue,
-            ShortString::from(format!("{}-consumer", broker.queue)),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..Default::default()
-            },
+    .await
+}
+
+async fn bind_on(link: &Link, queue: &ShortString, device: Uuid, wait: bool) -> lapin::Result<()> {
+    link.channel(channel_of(device))
+        .queue_bind(
+            queue.clone(),
+            exchange::COMMANDS_DEVICES.into(),
+            ShortString::from(exchange::device_key(device)),
+            QueueBindOptions { nowait: !wait },
             FieldTable::default(),
         )
-        .await?;
-    Ok((conn, channels, consumer))
+        .await
 }
 
-async fn supervise(gw: &Arc<Gateway>, stop: &CancellationToken) {
-    let broker = &gw.broker;
-    let mut backoff = BACKOFF_MIN;
-    while !stop.is_cancelled() {
-        let attempt = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, setup(broker)) => r.unwrap_or(Err(ConnectError::Timeout)),
-            _ = stop.cancelled() => break,
-        };
-        let (conn, channels, mut consumer) = match attempt {
-            Ok(parts) => parts,
-            Err(e) => {
-                metrics::broker_connection("failed");
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to RabbitMQ");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        backoff = BACKOFF_MIN;
-        metrics::broker_connection("connected");
-        tracing::info!(queue = %broker.queue, "connected to RabbitMQ");
-        *broker.channels.write().unwrap() = channels.clone();
-        let _ = broker.topology.send(TopologyOp::Resync).await;
-        gw.update_readiness();
-        let mut events = conn.events_listener();
-        let mut check = tokio::time::interval(Duration::from_millis(500));
-        let lost = loop {
-            tokio::select! {
-                d = consumer.next() => match d {
-                    Some(Ok(d)) => {
-                        let acker = d.acker.clone();
-                        crate::command::dispatch(gw, d);
-                        // Dispatch never blocks: the command is queued for its session
-                        // or answered; acking it is what lets the next one come.
-                        let _ = acker.ack(BasicAckOptions::default()).await;
-                    }
-                    Some(Err(e)) => break Some(e.to_string()),
-                    None => break Some("consumer ended".into()),
-                },
-                ev = events.next() => match ev {
-                    Some(lapin::Event::Error(e)) => break Some(e.to_string()),
-                    Some(_) => {}
-                    None => break Some("connection events ended".into()),
-                },
-                _ = check.tick() => if !conn.status().connected() || channels.iter().any(|c| !c.status().connected()) {
-                    break Some("channel closed".into());
-                },
-                _ = stop.cancelled() => break None,
-            }
-        };
-        broker.channels.write().unwrap().clear();
-        gw.update_readiness();
-        match lost {
-            Some(reason) => {
-                metrics::broker_connection("lost");
-                tracing::warn!(%reason, "RabbitMQ connection lost; reconnecting");
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(200),
-                    conn.close(320, "lost".into()),
-                )
-                .await;
-            }
-            None => {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    conn.close(200, "shutdown".into()),
-                )
-                .await;
-            }
-        }
+/// Binds every held device on a new link: `nowait` binds, then one waited bind per
+/// channel as a barrier (a channel answers in order).
+async fn resync(link: &Link, queue: &ShortString, held: &dyn Held) -> lapin::Result<usize> {
+    let devices = held.devices();
+    for &device in &devices {
+        bind_on(link, queue, device, false).await?;
     }
+    let mut last = [None; PUBLISH_CHANNELS];
+    for &device in &devices {
+        last[channel_of(device)] = Some(device);
+    }
+    for device in last.into_iter().flatten() {
+        bind_on(link, queue, device, true).await?;
+    }
+    Ok(devices.len())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_malformed_url_stays_out_of_the_error_text() {
-        // No `//`: the URL parser refuses it and quotes it whole, password included.
-        let b = Broker::new(
-            "amqp:guest:s3cret@rabbit".into(),
-            Uuid::new_v4(),
-            Duration::from_millis(50),
-        );
-        let Err(e) = setup(&b).await else {
-            panic!("connected to a malformed URL")
-        };
-        assert!(!e.to_string().contains("s3cret"), "{e}");
+async fn topology_task(
+    broker: Arc<Broker>,
+    held: Arc<dyn Held>,
+    mut ops: mpsc::Receiver<TopologyOp>,
+    mut links: watch::Receiver<Option<Arc<Link>>>,
+) {
+    let queue = ShortString::from(broker.queue.clone());
+    // The last generation a resync was tried on: a link whose resync failed is
+    // failing, and the next one is synced instead.
+    let mut tried = 0;
+    loop {
+        let link = links.borrow_and_update().clone();
+        if let Some(link) = &link
+            && link.generation() != tried
+        {
+            tried = link.generation();
+            match resync(link, &queue, &*held).await {
+                Ok(n) => {
+                    tracing::info!(devices = n, generation = tried, "device bindings made");
+                    broker.synced.send_replace(tried);
+                }
+                Err(e) => tracing::warn!(error = %e, "binding the held devices failed"),
+            }
+            continue;
+        }
+        tokio::select! {
+            op = ops.recv() => match op {
+                None => return,
+                Some(TopologyOp::Bind(device, done)) => {
+                    let sent = match &link {
+                        Some(link) => match bind_on(link, &queue, device, false).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(%device, error = %e, "queue.bind failed");
+                                false
+                            }
+                        },
+                        None => false,
+                    };
+                    let _ = done.send(sent);
+                }
+                Some(TopologyOp::Unbind(device)) => {
+                    let Some(link) = &link else { continue };
+                    if held.holds(device) {
+                        continue;
+                    }
+                    let unbind = link.channel(channel_of(device)).queue_unbind(
+                        queue.clone(),
+                        exchange::COMMANDS_DEVICES.into(),
+                        ShortString::from(exchange::device_key(device)),
+                        FieldTable::default(),
+                    );
+                    if !matches!(tokio::time::timeout(broker.publish_timeout, unbind).await, Ok(Ok(()))) {
+                        tracing::debug!(%device, "queue.unbind failed; the queue goes with the connection");
+                    }
+                }
+            },
+            changed = links.changed() => if changed.is_err() { return },
+        }
     }
 }

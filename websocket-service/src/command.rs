@@ -12,12 +12,15 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use mosaic_amqp::Incoming;
 use mosaic_protocol::close::DisconnectReason;
 use mosaic_protocol::command::{Kind, undeliverable};
 use mosaic_protocol::{exchange, header};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -39,8 +42,18 @@ fn header_uuid(h: &Map<String, Value>, name: &str) -> Option<Uuid> {
     header_str(h, name).and_then(|s| Uuid::parse_str(s).ok())
 }
 
+/// Delivers the replica's commands until the broker side ends. Each is queued for
+/// its session or answered (dispatch never blocks), then acked: acking is what lets
+/// the next one come.
+pub(crate) async fn run(gw: Arc<Gateway>, mut commands: mpsc::Receiver<Incoming>) {
+    while let Some(c) = commands.recv().await {
+        dispatch(&gw, &c.delivery);
+        let _ = c.delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+}
+
 /// Handles one delivery from the replica queue. Never blocks.
-pub(crate) fn dispatch(gw: &Arc<Gateway>, d: Delivery) {
+pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
     let headers = match d.properties.headers().as_ref() {
         Some(t) => match amqp_value_json::from_field_table(t) {
             Ok(h) => h,
@@ -89,7 +102,7 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: Delivery) {
                 tracing::warn!("broadcast request dropped: requests name one device");
                 return;
             };
-            request(gw, device, headers, &d);
+            request(gw, device, headers, d);
         }
     }
 }

@@ -15,16 +15,9 @@ pub const MIN_SECRET_BYTES: usize = 32;
 #[derive(Clone, Parser)]
 #[command(name = "websocket-service", version, about)]
 pub struct Config {
-    /// RabbitMQ URL, vhost included.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        value_parser = mosaic_runtime::config::amqp_url,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
-    pub amqp_url: String,
+    /// RabbitMQ: `AMQP_URL` and the reconnect and timeout bounds of the link.
+    #[command(flatten)]
+    pub broker: mosaic_amqp::BrokerArgs,
 
     /// Log format: `json` (one object a line) or `text`. The filter comes from `RUST_LOG`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -173,7 +166,7 @@ mod tests {
         assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.auth_timeout_ms, 10_000);
         assert_eq!(c.max_frame_bytes, 256 * 1024);
-        assert_eq!(c.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(c.broker.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The state one replica shares between its sessions, its broker connection and its
 //! HTTP server.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mosaic_runtime::health::Readiness;
@@ -51,8 +52,8 @@ pub(crate) struct Gateway {
     pub id: Uuid,
     pub limits: Limits,
     pub verifier: Verifier,
-    pub registry: Registry,
-    pub broker: Broker,
+    pub registry: Arc<Registry>,
+    pub broker: Arc<Broker>,
     pub readiness: Readiness,
     /// Cancelled when shutdown begins: sessions close with 1001.
     pub shutdown: CancellationToken,
@@ -67,19 +68,41 @@ impl Gateway {
         let limits = Limits::from_config(config);
         Ok(Gateway {
             id,
-            broker: Broker::new(config.amqp_url.clone(), id, limits.publish_timeout),
+            broker: Arc::new(Broker::new(id, limits.publish_timeout)),
             limits,
             verifier: Verifier::from_config(config)?,
-            registry: Registry::default(),
+            registry: Arc::default(),
             readiness: Readiness::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
     }
 
-    /// Ready when connected to RabbitMQ and not shutting down.
+    /// Ready when connected to RabbitMQ with every device bound, and not shutting down.
     pub fn update_readiness(&self) {
         self.readiness
-            .set(!self.shutdown.is_cancelled() && self.broker.available());
+            .set(!self.shutdown.is_cancelled() && self.broker.ready());
+    }
+
+    /// Keeps the readiness flag in step with the broker link until shutdown.
+    pub async fn follow_broker(self: Arc<Self>) {
+        let Some(crate::broker::Watch {
+            mut links,
+            mut synced,
+        }) = self.broker.watch()
+        else {
+            return;
+        };
+        loop {
+            self.update_readiness();
+            tokio::select! {
+                r = links.changed() => if r.is_err() { return },
+                r = synced.changed() => if r.is_err() { return },
+                _ = self.shutdown.cancelled() => {
+                    self.update_readiness();
+                    return;
+                }
+            }
+        }
     }
 }

@@ -20,6 +20,8 @@ pub(crate) struct Outgoing {
     pub device: Uuid,
     pub exchange: &'static str,
     pub routing_key: String,
+    /// Whether a message no queue takes comes back (and fails the publish).
+    pub mandatory: bool,
     pub properties: BasicProperties,
     pub body: Vec<u8>,
 }
@@ -93,6 +95,8 @@ pub(crate) fn event(origin: Origin, ev: DeviceEvent) -> Result<Outgoing, amqp_va
         device: origin.device,
         exchange: exchange::EVENTS,
         routing_key,
+        // A device hears `ack` only when a queue took its event.
+        mandatory: true,
         properties: persistent(message_id).with_headers(amqp_value_json::to_field_table(&h)?),
         body: json_body(&ev.data),
     })
@@ -117,6 +121,7 @@ pub(crate) fn lifecycle(
         device: origin.device,
         exchange: exchange::EVENTS,
         routing_key: exchange::lifecycle_key(origin.device, event),
+        mandatory: true,
         properties: persistent(message_id).with_headers(
             amqp_value_json::to_field_table(&h).expect("lifecycle headers always fit"),
         ),
@@ -131,6 +136,7 @@ pub(crate) fn takeover(origin: Origin) -> Outgoing {
         device: origin.device,
         exchange: exchange::COMMANDS_DEVICES,
         routing_key: exchange::device_key(origin.device),
+        mandatory: false,
         properties: BasicProperties::default().with_headers(
             amqp_value_json::to_field_table(&h).expect("takeover headers always fit"),
         ),
@@ -186,6 +192,8 @@ fn reply(
         device,
         exchange: "",
         routing_key: reply_to.to_owned(),
+        // A requester that is gone has nobody to tell.
+        mandatory: false,
         properties: BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
             .with_correlation_id(correlation)

@@ -17,11 +17,9 @@ pub const PUBLISH_CONFIRM_SECONDS: &str = "mosaic_ws_publish_confirm_seconds";
 pub const NACKS: &str = "mosaic_ws_nacks_total";
 /// Counter by `code`: WebSocket close codes sent to devices.
 pub const CLOSES: &str = "mosaic_ws_closes_total";
-/// Counter by `outcome`: broker (re)connections (`connected`, `failed`, `lost`).
-pub const BROKER_CONNECTIONS: &str = "mosaic_ws_broker_connections_total";
 
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 7] = [
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -29,7 +27,6 @@ pub const ALL: [&str; 8] = [
     PUBLISH_CONFIRM_SECONDS,
     NACKS,
     CLOSES,
-    BROKER_CONNECTIONS,
 ];
 
 pub(crate) fn session_opened() {
@@ -62,8 +59,4 @@ pub(crate) fn nack(code: &'static str) {
 
 pub(crate) fn close(code: u16) {
     counter!(CLOSES, "code" => code.to_string()).increment(1);
-}
-
-pub(crate) fn broker_connection(outcome: &'static str) {
-    counter!(BROKER_CONNECTIONS, "outcome" => outcome).increment(1);
 }

@@ -162,6 +162,16 @@ impl Registry {
     }
 }
 
+impl crate::broker::Held for Registry {
+    fn devices(&self) -> Vec<Uuid> {
+        Registry::devices(self)
+    }
+
+    fn holds(&self, device: Uuid) -> bool {
+        self.contains(device)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

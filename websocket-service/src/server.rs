@@ -20,13 +20,11 @@ use mosaic_protocol::frame::code;
 use mosaic_runtime::config::ConfigError;
 use mosaic_runtime::health;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::KeyError;
-use crate::broker::Broker;
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::{metrics, session};
+use crate::{command, metrics, session};
 
 /// WebSocket read buffer per connection (tungstenite's default is 128 KiB).
 const READ_BUFFER: usize = 2 * 1024;
@@ -60,8 +58,10 @@ pub async fn run(
     let id = gw.id;
     tracing::info!(gateway = %id, addr = ?listener.local_addr().ok(), "websocket-service listening");
 
-    let broker_stop = CancellationToken::new();
-    let broker = tokio::spawn(Broker::run(gw.clone(), broker_stop.clone()));
+    let settings = config.broker.settings("websocket-service", id.to_string());
+    let commands = gw.broker.start(settings, gw.registry.clone());
+    tokio::spawn(command::run(gw.clone(), commands));
+    tokio::spawn(gw.clone().follow_broker());
 
     let token = gw.shutdown.clone();
     tokio::spawn({
@@ -97,8 +97,7 @@ pub async fn run(
             "shutdown grace period over with sessions still open"
         );
     }
-    broker_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(3), broker).await;
+    gw.broker.shutdown().await;
     let result = match early {
         Some(r) => r,
         None => match tokio::time::timeout(Duration::from_secs(1), &mut server).await {

@@ -72,6 +72,9 @@ impl End {
             DisconnectReason::PolicyViolation => {
                 Some((close::POLICY_VIOLATION, "too many bad frames"))
             }
+            DisconnectReason::BrokerUnavailable => {
+                Some((close::TRY_AGAIN_LATER, "broker unavailable; retry later"))
+            }
             DisconnectReason::Error => Some((close::INTERNAL_ERROR, "internal error")),
         };
         End { reason, close }
@@ -237,21 +240,7 @@ where
         old.control.close(DisconnectReason::Replaced);
     }
     metrics::session_opened();
-    // Bind before telling anyone; the takeover publish on the same channel is
-    // confirmed only once the broker applied the bind.
-    let (t, c) = Box::pin(async {
-        gw.broker.bind(device).await;
-        tokio::join!(
-            gw.broker.publish(message::takeover(origin)),
-            gw.broker
-                .publish(message::lifecycle(origin, Lifecycle::Connected, None)),
-        )
-    })
-    .await;
-    if t.is_err() || c.is_err() {
-        tracing::warn!("session started while the broker is unavailable");
-    }
-    tracing::info!("device connected");
+    let mut end = Box::pin(connect(&gw, origin)).await;
     let mut exp = identity.exp;
     let welcome = ServerFrame::Welcome {
         device,
@@ -264,11 +253,10 @@ where
         inflight: FuturesOrdered::new(),
         bad_frames: 0,
     };
-    let mut end = if Box::pin(send(&mut socket, &welcome, "welcome", limits.pong_timeout)).await {
-        None
-    } else {
-        Some(End::new(DisconnectReason::Error))
-    };
+    if end.is_none() && !Box::pin(send(&mut socket, &welcome, "welcome", limits.pong_timeout)).await
+    {
+        end = Some(End::new(DisconnectReason::Error));
+    }
     let mut expires = expiry(exp);
     let mut next_ping = Instant::now() + limits.ping_interval;
     let mut pong_deadline: Option<Instant> = None;
@@ -310,6 +298,7 @@ where
                             let code = match e {
                                 PublishError::Unavailable => code::UNAVAILABLE,
                                 PublishError::Rejected => code::REJECTED,
+                                PublishError::Unroutable => code::UNROUTABLE,
                             };
                             metrics::nack(code);
                             (ServerFrame::Nack { id: id.into(), code: code.into() }, "nack")
@@ -377,6 +366,36 @@ where
     let end = end.unwrap_or_else(|| End::new(DisconnectReason::Error));
 
     Box::pin(finish(gw, socket, rx, st, end, started)).await;
+}
+
+/// The broker work of a connect: the device's command route, the takeover notice and
+/// the `connected` message. `Some` (close 1013) when the device must not be told
+/// `welcome`: commands could not reach it, or Hive would not hear of it.
+async fn connect(gw: &Gateway, origin: Origin) -> Option<End> {
+    // Bind before telling anyone; the takeover publish on the same channel is
+    // confirmed only once the broker applied the bind (and fails if it failed).
+    if !gw.broker.bind(origin.device).await {
+        tracing::warn!("device refused: its command route could not be bound");
+        return Some(End::new(DisconnectReason::BrokerUnavailable));
+    }
+    let (takeover, connected) = tokio::join!(
+        gw.broker.publish(message::takeover(origin)),
+        gw.broker
+            .publish(message::lifecycle(origin, Lifecycle::Connected, None)),
+    );
+    match (takeover, connected) {
+        (Ok(()), Ok(())) => {}
+        // Nothing consumes lifecycle messages yet: nobody to tell, the session is sound.
+        (Ok(()), Err(PublishError::Unroutable)) => {
+            tracing::debug!("no queue takes lifecycle messages");
+        }
+        (t, c) => {
+            tracing::warn!(takeover = ?t.err(), connected = ?c.err(), "device refused: the broker did not confirm its connect");
+            return Some(End::new(DisconnectReason::BrokerUnavailable));
+        }
+    }
+    tracing::info!("device connected");
+    None
 }
 
 /// Ends a session: unregister, close the socket, answer pending requests, publish
@@ -570,29 +589,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_session_driven_through_channels() {
+    async fn without_a_broker_a_device_is_refused_with_1013_not_welcomed() {
         let gw = gateway(&[]);
         let (mut d, task) = start(&gw);
         assert_eq!(d.json().await["type"], "hello");
+        d.send(json!({"type":"nope"})).await;
+        assert_eq!(d.json().await["code"], "bad_frame");
         let device = Uuid::new_v4();
         d.send(json!({"type":"auth","token": token(device, 60)}))
             .await;
-        let welcome = d.json().await;
-        assert_eq!(welcome["device"], device.to_string());
-        assert!(gw.registry.contains(device));
-
-        // No broker: an event with an id is nacked `unavailable`.
-        d.send(json!({"type":"event","name":"t","id":"1"})).await;
-        assert_eq!(
-            d.json().await,
-            json!({"type":"nack","id":"1","code":"unavailable"})
-        );
-        d.send(json!({"type":"nope"})).await;
-        assert_eq!(d.json().await["code"], "bad_frame");
-
-        // Shutdown closes with 1001 and unregisters the device.
-        gw.shutdown.cancel();
-        assert_eq!(close_code(d.recv().await), close::GOING_AWAY);
+        // No broker: commands could not reach it, so no `welcome`, a retryable close.
+        assert_eq!(close_code(d.recv().await), close::TRY_AGAIN_LATER);
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .unwrap()
@@ -601,21 +608,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_newer_local_session_replaces_the_older() {
+    async fn shutdown_closes_a_device_still_authenticating_with_1001() {
         let gw = gateway(&[]);
-        let device = Uuid::new_v4();
-        let (mut a, _) = start(&gw);
-        a.json().await;
-        a.send(json!({"type":"auth","token": token(device, 60)}))
-            .await;
-        a.json().await;
-        let (mut b, _) = start(&gw);
-        b.json().await;
-        b.send(json!({"type":"auth","token": token(device, 60)}))
-            .await;
-        assert_eq!(b.json().await["type"], "welcome");
-        assert_eq!(close_code(a.recv().await), close::REPLACED);
-        assert!(gw.registry.contains(device));
+        let (mut d, task) = start(&gw);
+        assert_eq!(d.json().await["type"], "hello");
+        gw.shutdown.cancel();
+        assert_eq!(close_code(d.recv().await), close::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub mod code {
     pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
     /// Too many requests wait for devices in this replica.
     pub const OVERLOADED: &str = "overloaded";
+    /// The device is connected but cannot take more now (its pending requests or its
+    /// outbound queue are full); try again after `Retry-After`.
+    pub const DEVICE_BUSY: &str = "device_busy";
     /// No such route.
     pub const NOT_FOUND: &str = "not_found";
     /// The route exists, not with this method.
@@ -46,6 +49,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong.
     pub message: String,
+    /// Seconds for a `Retry-After` header, when trying again later may succeed.
+    pub retry_after: Option<u32>,
 }
 
 /// The body of every error answer.
@@ -71,7 +76,24 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error with a `Retry-After` of `seconds`.
+    pub fn with_retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// 503 with [`code::DEVICE_BUSY`] and `Retry-After: 1`: connected, not offline.
+    pub fn device_busy() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::DEVICE_BUSY,
+            "the device is connected but cannot take more requests now; try again shortly",
+        )
+        .with_retry_after(1)
     }
 
     /// 400 with [`code::BAD_REQUEST`].
@@ -103,6 +125,10 @@ impl IntoResponse for ApiError {
             },
         };
         let mut res = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

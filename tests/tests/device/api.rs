@@ -376,7 +376,7 @@ async fn waiting_requests_are_bounded() {
     assert_eq!(status, 200);
     let second = tokio::spawn({
         let svc = svc.clone();
-        async move { svc.post(&path, &json!({"name": "three"})).await }
+        async move { svc.post_full(&path, &json!({"name": "three"})).await }
     });
     let (_, _, props) = gw.next().await;
     gw.reply(
@@ -386,12 +386,14 @@ async fn waiting_requests_are_bounded() {
         &Value::Null,
     )
     .await;
-    let (status, answer) = within(Duration::from_secs(10), "the second answer", second)
+    // A device that is connected but full is busy, not offline.
+    let (status, headers, answer) = within(Duration::from_secs(10), "the second answer", second)
         .await
         .unwrap();
     assert_eq!(
         (status, answer["error"]["code"].clone()),
-        (404, json!("device_not_connected"))
+        (503, json!("device_busy"))
     );
+    assert_eq!(headers["retry-after"], "1");
     std::sync::Arc::into_inner(svc).unwrap().stop().await;
 }

@@ -95,6 +95,16 @@ impl Service {
 
     /// `POST path` with the test token and a JSON body: (status, JSON answer).
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, answer) = self.post_full(path, body).await;
+        (status, answer)
+    }
+
+    /// As [`Service::post`], with the answer's headers.
+    pub async fn post_full(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let res = within(Duration::from_secs(30), "a REST answer", async {
             self.http
                 .post(self.url(path))
@@ -106,9 +116,11 @@ impl Service {
         })
         .await;
         let status = res.status().as_u16();
+        let headers = res.headers().clone();
         let bytes = res.bytes().await.unwrap();
         (
             status,
+            headers,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
     }

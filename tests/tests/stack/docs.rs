@@ -80,6 +80,7 @@ fn every_metric_is_in_the_operations_guide() {
     let missing: Vec<&str> = websocket_service::metrics::ALL
         .iter()
         .chain(device_service::metrics::ALL.iter())
+        .chain(mosaic_amqp::metrics::ALL.iter())
         .copied()
         .filter(|m| !text.contains(&format!("`{m}`")))
         .collect();

@@ -1,0 +1,212 @@
+//! A whole connection: its channels, its alarm state, and confirmed publishing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio_util::sync::CancellationToken;
+
+/// Bytes of a content-header frame besides its properties: the frame envelope (7),
+/// its end octet (1), class id, weight, body size (12) and the property flags (2).
+const HEADER_FRAME_OVERHEAD: usize = 22;
+/// Room kept in a content-header frame for the properties other than `headers`
+/// (message id, correlation id, reply-to, content type, timestamps; each at most
+/// 256 bytes as a short string).
+pub const PROPERTIES_RESERVE: usize = 2048;
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The exchange (`""` is the default exchange).
+    pub exchange: &'static str,
+    /// The routing key.
+    pub routing_key: String,
+    /// Return the message when no queue takes it ([`Routed::Returned`]).
+    pub mandatory: bool,
+    /// Properties and headers.
+    pub properties: BasicProperties,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// What became of a confirmed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// The broker stored it in at least one queue (or, when not `mandatory`, took it).
+    Yes,
+    /// A `mandatory` message that no queue took came back.
+    Returned,
+}
+
+/// Why a publish was not confirmed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// There is no connection to the broker right now.
+    #[error("not connected to the broker")]
+    NotConnected,
+    /// The broker blocks publishers (a memory or disk alarm).
+    #[error("the broker blocks publishers")]
+    Blocked,
+    /// No confirm came within the timeout.
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+    /// The broker refused the message (negative confirm).
+    #[error("the broker refused the message")]
+    Nacked,
+    /// An exchange or routing key longer than AMQP's 255 bytes.
+    #[error("exchange or routing key longer than 255 bytes")]
+    NameTooLong,
+    /// The headers table would not fit in one content-header frame: sent anyway, it
+    /// would close the whole connection.
+    #[error("headers take {bytes} bytes; at most {max} fit in a header frame")]
+    HeadersTooLarge {
+        /// The table's encoded size.
+        bytes: usize,
+        /// The largest table this connection carries.
+        max: usize,
+    },
+    /// The channel failed.
+    #[error("channel error: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// One live connection with every channel the service asked for. Either the whole
+/// link works, or the supervisor drops it and builds a new one: a holder of an
+/// `Arc<Link>` never sees half a link repaired under it.
+#[derive(Debug)]
+pub struct Link {
+    pub(crate) conn: Connection,
+    pub(crate) publishers: Vec<Channel>,
+    pub(crate) consumers: Vec<Channel>,
+    pub(crate) consumer_tags: Vec<ShortString>,
+    pub(crate) blocked: AtomicBool,
+    pub(crate) lost: CancellationToken,
+    pub(crate) generation: u64,
+}
+
+impl Link {
+    /// Counts links since start: a new link has a higher generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the connection and every channel are still open.
+    pub fn is_open(&self) -> bool {
+        self.conn.status().connected()
+            && self.publishers.iter().all(|c| c.status().connected())
+            && self.consumers.iter().all(|c| c.status().connected())
+    }
+
+    /// Whether the broker blocks publishers now (a memory or disk alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Acquire)
+    }
+
+    /// Whether a publish can be confirmed now: open and not blocked.
+    pub fn can_publish(&self) -> bool {
+        !self.is_blocked() && self.is_open() && !self.lost.is_cancelled()
+    }
+
+    /// Cancelled when this link is gone: deliveries that came on it can no longer be
+    /// acked (the broker requeues them).
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// Publish channel `i` (modulo their number): every message and binding about one
+    /// thing that must stay in order goes through the same channel.
+    pub fn channel(&self, i: usize) -> &Channel {
+        &self.publishers[i % self.publishers.len()]
+    }
+
+    /// How many publish channels the link has.
+    pub fn channels(&self) -> usize {
+        self.publishers.len()
+    }
+
+    /// The largest headers table a publish on this connection may carry: the
+    /// negotiated `frame_max` less the rest of a content-header frame.
+    pub fn max_headers_bytes(&self) -> usize {
+        max_headers_bytes(self.conn.configuration().frame_max())
+    }
+
+    /// Publishes `m` on channel `channel` and waits for the broker's confirm, all within
+    /// `timeout`. The future owns what it needs.
+    pub fn publish(
+        self: &Arc<Self>,
+        channel: usize,
+        m: Publish,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Routed, PublishError>> + Send + 'static {
+        let link = Arc::clone(self);
+        async move {
+            if link.is_blocked() {
+                return Err(PublishError::Blocked);
+            }
+            if let Some(h) = m.properties.headers() {
+                let bytes = crate::wire::encoded_len(h);
+                let max = link.max_headers_bytes();
+                if bytes > max {
+                    return Err(PublishError::HeadersTooLarge { bytes, max });
+                }
+            }
+            let exchange =
+                ShortString::try_new(m.exchange).map_err(|_| PublishError::NameTooLong)?;
+            let key = ShortString::try_new(m.routing_key).map_err(|_| PublishError::NameTooLong)?;
+            let ch = link.channel(channel).clone();
+            let confirmed = async move {
+                let confirm = ch
+                    .basic_publish(
+                        exchange,
+                        key,
+                        BasicPublishOptions {
+                            mandatory: m.mandatory,
+                            ..Default::default()
+                        },
+                        &m.body,
+                        m.properties,
+                    )
+                    .await?;
+                let c = confirm.await?;
+                if c.is_nack() {
+                    return Err(PublishError::Nacked);
+                }
+                Ok(match c.take_message() {
+                    Some(_) => Routed::Returned,
+                    None => Routed::Yes,
+                })
+            };
+            match tokio::time::timeout(timeout, confirmed).await {
+                Ok(r) => r,
+                Err(_) => Err(PublishError::Timeout(timeout)),
+            }
+        }
+    }
+}
+
+/// The largest headers table that fits in a content-header frame of `frame_max`
+/// bytes (0 means the protocol's default of 131,072).
+pub fn max_headers_bytes(frame_max: u32) -> usize {
+    let frame_max = if frame_max == 0 {
+        131_072
+    } else {
+        frame_max as usize
+    };
+    frame_max.saturating_sub(HEADER_FRAME_OVERHEAD + PROPERTIES_RESERVE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_budget_leaves_room_for_the_rest_of_the_frame() {
+        assert_eq!(max_headers_bytes(0), max_headers_bytes(131_072));
+        assert_eq!(max_headers_bytes(131_072), 131_072 - 22 - 2048);
+        assert_eq!(max_headers_bytes(1024), 0);
+    }
+}
