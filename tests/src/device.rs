@@ -34,6 +34,17 @@ impl Device {
     /// Opens `/v1/connect` on `addr`, with `Authorization: Bearer <token>` when given.
     /// An HTTP answer other than 101 comes back as `Err(status)`.
     pub async fn try_connect(addr: SocketAddr, token: Option<&str>) -> Result<Device, u16> {
+        Device::try_connect_with(addr, token, None).await
+    }
+
+    /// As [`Device::try_connect`], with the socket's receive buffer set to `recv_buffer`
+    /// bytes: a device that reads slowly over a small window, so that what the
+    /// gateway sends waits in the gateway's own send buffer.
+    pub async fn try_connect_with(
+        addr: SocketAddr,
+        token: Option<&str>,
+        recv_buffer: Option<u32>,
+    ) -> Result<Device, u16> {
         let mut req = format!("ws://{addr}/v1/connect")
             .into_client_request()
             .expect("a valid URL");
@@ -44,7 +55,19 @@ impl Device {
             );
         }
         let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
-        let connecting = tokio_tungstenite::connect_async_with_config(req, Some(config), false);
+        let connecting = async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+            if let Some(size) = recv_buffer {
+                socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+            }
+            let stream = socket.connect(addr).await.map_err(WsError::Io)?;
+            tokio_tungstenite::client_async_with_config(
+                req,
+                MaybeTlsStream::Plain(stream),
+                Some(config),
+            )
+            .await
+        };
         match tokio::time::timeout(RECV_TIMEOUT, connecting).await {
             Ok(Ok((ws, _))) => Ok(Device { ws }),
             Ok(Err(WsError::Http(res))) => Err(res.status().as_u16()),
@@ -86,6 +109,15 @@ impl Device {
             .await
             .expect("send timed out")
             .expect("send failed");
+    }
+
+    /// Sends a text frame, saying whether it could be written (a device that goes on
+    /// sending while the gateway closes it sees its sends fail).
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        matches!(
+            tokio::time::timeout(RECV_TIMEOUT, self.ws.send(Message::text(text))).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Sends a binary frame.
@@ -143,6 +175,29 @@ impl Device {
             .await
             .expect("the gateway did not end the connection in time");
         (frames, ended)
+    }
+
+    /// The next text frame, or how the connection ended instead, within `timeout`.
+    pub async fn frame_or_end(&mut self, timeout: Duration) -> Result<Value, Ended> {
+        let next = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        return Ok(serde_json::from_str(t.as_str()).expect("gateway sent JSON"));
+                    }
+                    Some(Ok(Message::Close(Some(c)))) => {
+                        return Err(Ended::Close(c.code.into(), c.reason.to_string()));
+                    }
+                    Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
+                        return Err(Ended::Dropped);
+                    }
+                    Some(Ok(_)) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, next)
+            .await
+            .expect("neither a frame nor the end in time")
     }
 
     /// Reads (answering pings) for `duration`; says whether the connection was still

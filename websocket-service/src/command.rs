@@ -3,7 +3,10 @@
 //! `kind` `event` or `request` becomes the device frame
 //! `{"type":<kind>, ...headers without kind, "data":<body>}` in the session's bounded
 //! outbound queue; routing key `broadcast` reaches every session here. A full queue
-//! closes the session with 4429 (slow consumer) instead of buffering more. A request
+//! closes the session with 4429 (slow consumer) instead of buffering more, except
+//! for a broadcast event, which a device with a full queue misses (counted in
+//! `mosaic_ws_broadcast_dropped_total`): a burst of broadcasts must not disconnect
+//! the fleet. A request
 //! that finds no session here, or a full queue, is answered `undeliverable` at once.
 //! `kind` `takeover` closes an older local session of the device with 4409.
 
@@ -27,6 +30,7 @@ use uuid::Uuid;
 
 use crate::gateway::Gateway;
 use crate::message;
+use crate::metrics;
 use crate::registry::{Outbound, Pending, RequestOut, SessionHandle};
 
 /// Deadline of a request that carries neither `deadline` nor `expiration`.
@@ -91,8 +95,14 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
                     }
                 }
                 None => {
+                    // A broadcast burst must not close the fleet as slow consumers:
+                    // a device whose queue is full misses this one, counted.
                     for h in gw.registry.handles() {
-                        let _ = offer(&h, Outbound::Event(text.clone()));
+                        if let Err(TrySendError::Full(_)) =
+                            h.tx.try_send(Outbound::Event(text.clone()))
+                        {
+                            metrics::broadcast_dropped();
+                        }
                     }
                 }
             }

@@ -18,8 +18,14 @@ pub const NACKS: &str = "mosaic_ws_nacks_total";
 /// Counter by `code`: WebSocket close codes sent to devices.
 pub const CLOSES: &str = "mosaic_ws_closes_total";
 
+/// Counter: broadcast events a device missed because its outbound queue was full.
+pub const BROADCAST_DROPPED: &str = "mosaic_ws_broadcast_dropped_total";
+
+/// Counter: device frames held back by the per-device rate limit (`EVENT_RATE`).
+pub const RATE_LIMITED: &str = "mosaic_ws_rate_limited_total";
+
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 9] = [
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -27,6 +33,8 @@ pub const ALL: [&str; 7] = [
     PUBLISH_CONFIRM_SECONDS,
     NACKS,
     CLOSES,
+    BROADCAST_DROPPED,
+    RATE_LIMITED,
 ];
 
 pub(crate) fn session_opened() {
@@ -59,4 +67,12 @@ pub(crate) fn nack(code: &'static str) {
 
 pub(crate) fn close(code: u16) {
     counter!(CLOSES, "code" => code.to_string()).increment(1);
+}
+
+pub(crate) fn broadcast_dropped() {
+    counter!(BROADCAST_DROPPED).increment(1);
+}
+
+pub(crate) fn rate_limited() {
+    counter!(RATE_LIMITED).increment(1);
 }

@@ -179,18 +179,28 @@ async fn send_text<S: Sink<Message> + Unpin>(
     )
 }
 
-pub(super) async fn close_with<S: Sink<Message> + Unpin>(
-    socket: &mut S,
-    code: u16,
-    reason: &'static str,
-) {
+/// Closes gracefully: sends the close frame, then reads and discards what the device
+/// still sends until its own close frame, the end of the stream or [`CLOSE_TIMEOUT`].
+/// Dropping a socket whose input is unread makes the kernel reset the connection,
+/// and a reset can overtake the close frame: the device would never learn the code.
+pub(super) async fn close_with<S, E>(socket: &mut S, code: u16, reason: &'static str)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+{
     metrics::close(code);
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        let _ = socket.send(Message::Close(Some(frame))).await;
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(m)) = socket.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
         let _ = socket.close().await;
     })
     .await;
@@ -359,11 +369,19 @@ where
                         expires = expiry(exp);
                     }
                 }
-                Err(at) => held = Some((frame, at)),
+                Err(at) => {
+                    metrics::rate_limited();
+                    held = Some((frame, at));
+                }
             }
         }
     }
     let end = end.unwrap_or_else(|| End::new(DisconnectReason::Error));
+    // A frame the rate limit held back was read from the device: it is handled
+    // (an event published, a response answered), never dropped.
+    if let Some((Some(text), _)) = held {
+        inbound::handle_held(&gw, &mut st, &text);
+    }
 
     Box::pin(finish(gw, socket, rx, st, end, started)).await;
 }
@@ -400,7 +418,7 @@ async fn connect(gw: &Gateway, origin: Origin) -> Option<End> {
 
 /// Ends a session: unregister, close the socket, answer pending requests, publish
 /// the `disconnected` message.
-async fn finish<S>(
+async fn finish<S, E>(
     gw: Arc<Gateway>,
     mut socket: S,
     mut rx: mpsc::Receiver<Outbound>,
@@ -408,7 +426,7 @@ async fn finish<S>(
     end: End,
     started: Instant,
 ) where
-    S: Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
     let limits = &gw.limits;
     let origin = st.origin;

@@ -88,7 +88,10 @@ where
     }
 }
 
-async fn refuse<S: Sink<Message> + Unpin>(socket: &mut S, e: AuthError, limit: Duration) {
+async fn refuse<S, E>(socket: &mut S, e: AuthError, limit: Duration)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+{
     metrics::auth_failure(e.as_str());
     tracing::info!(reason = e.as_str(), "token refused");
     let f = ServerFrame::error(code::UNAUTHORIZED, e.to_string());

@@ -5,13 +5,83 @@ use std::sync::Arc;
 use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::Sink;
 use mosaic_protocol::close::{self, DisconnectReason};
-use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
+use mosaic_protocol::frame::{ClientFrame, DeviceEvent, ServerFrame, code};
 use tokio::time::Instant;
 
 use super::{Done, End, State, binary_refused, expires_at, send};
 use crate::gateway::Gateway;
 use crate::message;
 use crate::metrics;
+
+/// Publishes a device's event; its confirm (the device's `ack` or `nack`) comes back
+/// through the session's in-flight queue. Why not, when it cannot be sent.
+fn publish_event(gw: &Gateway, st: &mut State, ev: DeviceEvent) -> Result<(), String> {
+    let id = ev.id.clone();
+    let m = message::event(st.origin, ev).map_err(|e| e.to_string())?;
+    let publish = gw.broker.publish(m);
+    st.inflight.push_back(Box::pin(async move {
+        let r = publish.await;
+        match id {
+            Some(id) => Done::Event(id.into(), r),
+            None => Done::Quiet,
+        }
+    }));
+    Ok(())
+}
+
+/// Publishes a device's answer to one of its pending requests; false when no
+/// pending request has this id (expired ones are forgotten on the way).
+fn publish_response(
+    gw: &Gateway,
+    st: &mut State,
+    request_id: &str,
+    status: &str,
+    data: &serde_json::Value,
+) -> bool {
+    let now = Instant::now();
+    let Some(i) = st
+        .pending
+        .iter()
+        .position(|p| *p.id == *request_id && p.deadline > now)
+    else {
+        st.pending.retain(|p| p.deadline > now);
+        return false;
+    };
+    let p = st.pending.swap_remove(i);
+    if let Some(m) = message::response(st.origin, &p.reply_to, &p.id, status, data) {
+        let publish = gw.broker.publish(m);
+        st.inflight.push_back(Box::pin(async move {
+            if let Err(e) = publish.await {
+                tracing::warn!(error = %e, "response not confirmed");
+            }
+            Done::Quiet
+        }));
+    }
+    true
+}
+
+/// A frame the rate limit still held when the session ended: an event is
+/// published and a response answered like any other (the session's end waits for
+/// their confirms); anything else needed an answer on the socket and is let go.
+pub(super) fn handle_held(gw: &Gateway, st: &mut State, text: &str) {
+    match ClientFrame::parse(text) {
+        Ok(ClientFrame::Event(ev)) => {
+            metrics::frame_in("event");
+            if publish_event(gw, st, ev).is_err() {
+                tracing::debug!("a held event was refused");
+            }
+        }
+        Ok(ClientFrame::Response {
+            request_id,
+            status,
+            data,
+        }) => {
+            metrics::frame_in("response");
+            publish_response(gw, st, &request_id, &status, &data);
+        }
+        _ => {}
+    }
+}
 
 /// Handles one frame from an authenticated device: its text, or `None` for a binary
 /// frame (refused as a bad frame).
@@ -33,21 +103,12 @@ where
     let error = match parsed {
         Ok(ClientFrame::Event(ev)) => {
             metrics::frame_in("event");
-            let id = ev.id.clone();
-            match message::event(st.origin, ev) {
-                Ok(m) => {
+            match publish_event(gw, st, ev) {
+                Ok(()) => {
                     st.bad_frames = 0;
-                    let publish = gw.broker.publish(m);
-                    st.inflight.push_back(Box::pin(async move {
-                        let r = publish.await;
-                        match id {
-                            Some(id) => Done::Event(id.into(), r),
-                            None => Done::Quiet,
-                        }
-                    }));
                     return None;
                 }
-                Err(e) => ServerFrame::error(code::BAD_FRAME, e.to_string()),
+                Err(e) => ServerFrame::error(code::BAD_FRAME, e),
             }
         }
         Ok(ClientFrame::Response {
@@ -56,36 +117,14 @@ where
             data,
         }) => {
             metrics::frame_in("response");
-            let now = Instant::now();
-            let found = st
-                .pending
-                .iter()
-                .position(|p| *p.id == *request_id && p.deadline > now);
-            match found {
-                Some(i) => {
-                    st.bad_frames = 0;
-                    let p = st.pending.swap_remove(i);
-                    if let Some(m) =
-                        message::response(st.origin, &p.reply_to, &p.id, &status, &data)
-                    {
-                        let publish = gw.broker.publish(m);
-                        st.inflight.push_back(Box::pin(async move {
-                            if let Err(e) = publish.await {
-                                tracing::warn!(error = %e, "response not confirmed");
-                            }
-                            Done::Quiet
-                        }));
-                    }
-                    return None;
-                }
-                None => {
-                    st.pending.retain(|p| p.deadline > now);
-                    ServerFrame::error(
-                        code::UNKNOWN_REQUEST,
-                        "no pending request with this id for this device",
-                    )
-                }
+            if publish_response(gw, st, &request_id, &status, &data) {
+                st.bad_frames = 0;
+                return None;
             }
+            ServerFrame::error(
+                code::UNKNOWN_REQUEST,
+                "no pending request with this id for this device",
+            )
         }
         Ok(ClientFrame::Auth { token }) => {
             metrics::frame_in("auth");
