@@ -20,8 +20,18 @@ pub const CLOSES: &str = "mosaic_ws_closes_total";
 /// Counter by `outcome`: broker (re)connections (`connected`, `failed`, `lost`).
 pub const BROKER_CONNECTIONS: &str = "mosaic_ws_broker_connections_total";
 
+/// Gauge: WebSocket connections open on this replica, authenticated or not (the
+/// number `MAX_CONNECTIONS` caps).
+pub const SOCKETS: &str = "mosaic_ws_sockets";
+/// Gauge: of those, connections still in the `hello`/`auth` phase (the number
+/// `MAX_UNAUTHENTICATED` caps).
+pub const UNAUTHENTICATED_SOCKETS: &str = "mosaic_ws_unauthenticated_sockets";
+/// Counter by `limit` (`max_connections`, `max_unauthenticated`): upgrade requests
+/// refused with 503 because a connection cap was reached.
+pub const CONNECTIONS_REFUSED: &str = "mosaic_ws_connections_refused_total";
+
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 11] = [
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -30,6 +40,9 @@ pub const ALL: [&str; 8] = [
     NACKS,
     CLOSES,
     BROKER_CONNECTIONS,
+    SOCKETS,
+    UNAUTHENTICATED_SOCKETS,
+    CONNECTIONS_REFUSED,
 ];
 
 pub(crate) fn session_opened() {
@@ -66,4 +79,23 @@ pub(crate) fn close(code: u16) {
 
 pub(crate) fn broker_connection(outcome: &'static str) {
     counter!(BROKER_CONNECTIONS, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn socket_opened(unauthenticated: bool) {
+    gauge!(SOCKETS).increment(1.0);
+    if unauthenticated {
+        gauge!(UNAUTHENTICATED_SOCKETS).increment(1.0);
+    }
+}
+
+pub(crate) fn socket_authenticated() {
+    gauge!(UNAUTHENTICATED_SOCKETS).decrement(1.0);
+}
+
+pub(crate) fn socket_closed() {
+    gauge!(SOCKETS).decrement(1.0);
+}
+
+pub(crate) fn connection_refused(limit: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(1);
 }

@@ -6,6 +6,7 @@
 mod auth;
 mod commands;
 mod events;
+mod limits;
 mod resilience;
 
 use std::collections::HashMap;
