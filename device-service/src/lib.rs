@@ -166,9 +166,12 @@ pub async fn run(
     };
     let health = mosaic_runtime::health::router(readiness);
     let app = api::router(state, tokens, config.max_body_bytes as usize, health);
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .into_future();
+    let server = mosaic_runtime::serve::serve(
+        listener,
+        app,
+        config.http_limits(),
+        cancel.clone().cancelled_owned(),
+    );
     let served = tokio::select! {
         r = server => r,
         _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
