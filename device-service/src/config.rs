@@ -15,6 +15,16 @@ use mosaic_runtime::telemetry::LogFormat;
 /// Shortest API token accepted, in bytes.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
+/// The largest `HIVE_TIMEOUT_MS`, `PUBLISH_TIMEOUT_MS`, `SHUTDOWN_GRACE_MS` and
+/// `RECONNECT_MAX_MS` (10 minutes).
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// The largest `RETRY_BASE_MS` and `RETRY_MAX_MS` (1 hour).
+pub const MAX_RETRY_MS: u64 = 3_600_000;
+/// The largest `HIVE_MAX_AGE_MS` (7 days).
+pub const MAX_AGE_MS: u64 = 7 * 24 * 3_600_000;
+/// The largest `HEADER_READ_TIMEOUT_MS` (2 minutes).
+pub const MAX_HEADER_READ_TIMEOUT_MS: u64 = 120_000;
+
 /// device-service settings.
 #[derive(Clone, Parser)]
 #[command(name = "device-service", version, about)]
@@ -45,7 +55,7 @@ pub struct Config {
 
     /// Timeout of one POST to Hive, in milliseconds (connect, send and answer).
     #[arg(long, env = "HIVE_TIMEOUT_MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
     pub hive_timeout_ms: u64,
 
     /// How many deliveries to Hive may be in flight at once (also the AMQP prefetch).
@@ -55,12 +65,12 @@ pub struct Config {
 
     /// Attempts per message (in one replica) before it is dead-lettered.
     #[arg(long, env = "HIVE_MAX_ATTEMPTS", default_value_t = 50,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub hive_max_attempts: u32,
 
     /// Age (since the gateway received it) after which a failing message is dead-lettered, in milliseconds.
     #[arg(long, env = "HIVE_MAX_AGE_MS", default_value_t = 3_600_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_AGE_MS))]
     pub hive_max_age_ms: u64,
 
     /// Longest time one replica holds a failing message between attempts, in
@@ -73,12 +83,12 @@ pub struct Config {
 
     /// First retry delay, in milliseconds; doubles with each attempt, with jitter.
     #[arg(long, env = "RETRY_BASE_MS", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RETRY_MS))]
     pub retry_base_ms: u64,
 
     /// Longest delay between two attempts, in milliseconds.
     #[arg(long, env = "RETRY_MAX_MS", default_value_t = 30_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RETRY_MS))]
     pub retry_max_ms: u64,
 
     /// Largest accepted REST request body, in bytes (larger ones get 413).
@@ -88,12 +98,12 @@ pub struct Config {
 
     /// Most requests waiting for a device's answer at once in this replica (503 beyond).
     #[arg(long, env = "MAX_PENDING_REQUESTS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_pending_requests: u32,
 
     /// Longest wait for the broker to confirm a publish, in milliseconds (503 beyond).
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
     pub publish_timeout_ms: u64,
 
     /// This replica's name in its reply queue; a random one when unset.
@@ -101,8 +111,21 @@ pub struct Config {
     pub replica_id: Option<String>,
 
     /// On shutdown, how long in-flight deliveries and requests may take to finish, in milliseconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_MS))]
     pub shutdown_grace_ms: u64,
+
+    /// How long a client has to send the headers of a request, in milliseconds (also
+    /// the longest a keep-alive connection may stay idle); slower connections are dropped.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=MAX_HEADER_READ_TIMEOUT_MS))]
+    pub header_read_timeout_ms: u64,
+
+    /// HTTP connections served at once; at the cap the server stops accepting until
+    /// one closes.
+    #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 4_096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_http_connections: u64,
 }
 
 impl fmt::Debug for Config {
@@ -133,12 +156,15 @@ impl fmt::Debug for Config {
             .field("replica_id", &self.replica_id)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("hive_hold_max_ms", &self.hive_hold_max_ms)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("max_http_connections", &self.max_http_connections)
             .finish_non_exhaustive()
     }
 }
 
 impl Config {
-    /// Checks what clap cannot: the tokens, the Hive URL's scheme, the replica id.
+    /// Checks what clap cannot: the tokens and the signing secret (long enough, not a
+    /// published placeholder), the Hive URL's scheme, the replica id.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.tokens()?;
         if !matches!(self.hive_url.scheme(), "http" | "https") {
@@ -151,6 +177,9 @@ impl Config {
                 "HIVE_SIGNING_SECRET",
                 format!("must have at least {MIN_TOKEN_BYTES} bytes"),
             ));
+        }
+        if let Some(secret) = &self.hive_signing_secret {
+            mosaic_runtime::config::refuse_placeholder("HIVE_SIGNING_SECRET", secret)?;
         }
         if let Some(id) = &self.replica_id {
             let ok = !id.is_empty()
@@ -174,7 +203,8 @@ impl Config {
         Ok(())
     }
 
-    /// The API tokens, split and checked (at least one, each long enough).
+    /// The API tokens, split and checked (at least one, each long enough, none a
+    /// published placeholder).
     pub fn tokens(&self) -> Result<Vec<&str>, ConfigError> {
         let tokens: Vec<&str> = self
             .api_tokens
@@ -191,6 +221,9 @@ impl Config {
                 format!("every token must have at least {MIN_TOKEN_BYTES} bytes"),
             ));
         }
+        for t in &tokens {
+            mosaic_runtime::config::refuse_placeholder("API_TOKENS", t)?;
+        }
         Ok(tokens)
     }
 
@@ -202,6 +235,14 @@ impl Config {
     /// [`Config::publish_timeout_ms`] as a duration.
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// The HTTP server's bounds.
+    pub fn http_limits(&self) -> mosaic_runtime::serve::Limits {
+        mosaic_runtime::serve::Limits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            max_connections: usize::try_from(self.max_http_connections).unwrap_or(usize::MAX),
+        }
     }
 
     /// [`Config::shutdown_grace_ms`] as a duration.
@@ -243,6 +284,13 @@ mod tests {
         assert_eq!(c.hive_concurrency, 64);
         assert_eq!(c.shutdown_grace_ms, 10_000);
         assert_eq!(c.tokens().unwrap(), vec!["0123456789abcdef0123"]);
+        assert_eq!(
+            c.http_limits(),
+            mosaic_runtime::serve::Limits {
+                header_read_timeout: Duration::from_secs(10),
+                max_connections: 4_096,
+            }
+        );
     }
 
     #[test]
@@ -260,6 +308,85 @@ mod tests {
             let e = config(&[(var, value)]).unwrap_err();
             assert_eq!(e.setting, var, "{var}={value}: {e}");
         }
+    }
+
+    #[test]
+    fn published_placeholders_are_refused_without_echoing_them() {
+        for (var, value) in [
+            (
+                "HIVE_SIGNING_SECRET",
+                "REPLACE-ME-placeholder-hive-signing-secret",
+            ),
+            (
+                "API_TOKENS",
+                "REPLACE-ME-placeholder-api-token-1,REPLACE-ME-placeholder-api-token-2",
+            ),
+            // One placeholder among good tokens is enough to refuse the list.
+            (
+                "API_TOKENS",
+                "0123456789abcdef0123,change-me-to-a-long-random-token",
+            ),
+        ] {
+            let e = config(&[(var, value)]).unwrap_err();
+            assert_eq!(e.setting, var, "{e}");
+            for part in value.split(',') {
+                assert!(!e.to_string().contains(part), "{e}");
+            }
+        }
+    }
+
+    /// Every numeric setting with a value past its range.
+    #[test]
+    fn numbers_past_their_range_are_refused_and_named() {
+        let huge = u64::MAX.to_string();
+        for (var, value) in [
+            ("HIVE_TIMEOUT_MS", huge.as_str()),
+            ("HIVE_CONCURRENCY", "10001"),
+            ("HIVE_MAX_ATTEMPTS", "1000001"),
+            ("HIVE_MAX_AGE_MS", huge.as_str()),
+            ("RETRY_BASE_MS", huge.as_str()),
+            ("RETRY_MAX_MS", huge.as_str()),
+            ("MAX_BODY_BYTES", huge.as_str()),
+            ("MAX_PENDING_REQUESTS", "1000001"),
+            ("PUBLISH_TIMEOUT_MS", huge.as_str()),
+            ("SHUTDOWN_GRACE_MS", huge.as_str()),
+            ("SHUTDOWN_GRACE_MS", "600001"),
+            ("RECONNECT_MAX_MS", huge.as_str()),
+            ("HEADER_READ_TIMEOUT_MS", "99"),
+            ("HEADER_READ_TIMEOUT_MS", "120001"),
+            ("MAX_HTTP_CONNECTIONS", "0"),
+            ("MAX_HTTP_CONNECTIONS", "1000001"),
+        ] {
+            let e = config(&[(var, value)]).unwrap_err();
+            assert_eq!(e.setting, var, "{var}={value}: {e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_largest_values_are_accepted() {
+        let c = config(&[
+            ("HIVE_TIMEOUT_MS", "600000"),
+            ("HIVE_MAX_ATTEMPTS", "1000000"),
+            ("HIVE_MAX_AGE_MS", &MAX_AGE_MS.to_string()),
+            ("RETRY_BASE_MS", "3600000"),
+            ("RETRY_MAX_MS", "3600000"),
+            ("MAX_PENDING_REQUESTS", "1000000"),
+            ("PUBLISH_TIMEOUT_MS", "600000"),
+            ("SHUTDOWN_GRACE_MS", "600000"),
+            ("RECONNECT_MAX_MS", "600000"),
+            ("HEADER_READ_TIMEOUT_MS", "120000"),
+            ("MAX_HTTP_CONNECTIONS", "1000000"),
+        ])
+        .unwrap();
+        assert_eq!(c.shutdown_grace(), Duration::from_secs(600));
+        assert_eq!(
+            c.http_limits(),
+            mosaic_runtime::serve::Limits {
+                header_read_timeout: Duration::from_secs(120),
+                max_connections: 1_000_000,
+            }
+        );
     }
 
     #[test]

@@ -164,9 +164,12 @@ pub async fn run(
     };
     let health = mosaic_runtime::health::router(readiness);
     let app = api::router(state, tokens, config.max_body_bytes as usize, health);
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .into_future();
+    let server = mosaic_runtime::serve::serve(
+        listener,
+        app,
+        config.http_limits(),
+        cancel.clone().cancelled_owned(),
+    );
     // Once shutdown begins: no more deliveries, and the ones in flight finish or go
     // back to the queue, within the grace period.
     let drain = tokio::spawn({

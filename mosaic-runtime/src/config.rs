@@ -19,6 +19,9 @@ pub const LOG_FILTER_VAR: &str = "RUST_LOG";
 /// Exit code for a bad configuration (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 
+/// Exit code for a service that could not listen, or failed while running.
+pub const EXIT_FAILURE: i32 = 1;
+
 /// A setting that is missing or invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
@@ -126,10 +129,48 @@ pub fn amqp_url(value: &str) -> Result<String, String> {
         })
 }
 
+/// Words that mark a published placeholder secret, compared after [`refuse_placeholder`]
+/// folded the value to lowercase letters and digits.
+const PLACEHOLDER_MARKERS: [&str; 3] = ["replaceme", "changeme", "placeholder"];
+
+/// Refuses a secret that is a published placeholder, such as the `REPLACE-ME-...`
+/// values of the repository's Kubernetes manifests or a `change-me` of an example:
+/// those values are public, so a service running with one would accept anybody.
+///
+/// The value is folded to lowercase letters and digits before the comparison, so
+/// `REPLACE-ME`, `replace_me`, `ReplaceMe` and `CHANGE ME` are all caught wherever
+/// they appear in it. The error names `setting`, never the value.
+pub fn refuse_placeholder(setting: &str, value: &str) -> Result<(), ConfigError> {
+    let folded: String = value
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    match PLACEHOLDER_MARKERS.iter().find(|m| folded.contains(*m)) {
+        Some(marker) => Err(ConfigError::new(
+            setting,
+            format!(
+                "is a published placeholder (it contains \"{marker}\"); \
+                 set a secret of your own, e.g. 32 random bytes in hex"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Prints `err` as one line on stderr and exits with [`EXIT_CONFIG`].
 pub fn exit(err: &ConfigError) -> ! {
     eprintln!("error: {err}");
     std::process::exit(EXIT_CONFIG)
+}
+
+/// Prints `err` as one line on stderr and exits with [`EXIT_FAILURE`]: for what
+/// stops a service after its settings were accepted (it cannot listen, the server
+/// failed).
+pub fn fail(err: impl fmt::Display) -> ! {
+    let line = err.to_string().replace('\n', " ");
+    eprintln!("error: {line}");
+    std::process::exit(EXIT_FAILURE)
 }
 
 /// Parses from the process's arguments and environment; prints and exits on
@@ -284,6 +325,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.amqp_url, "amqp://u:p@h:5672/v");
+    }
+
+    #[test]
+    fn published_placeholders_are_refused_without_quoting_them() {
+        for value in [
+            "REPLACE-ME-placeholder-jwt-hmac-secret-not-for-use",
+            "replace_me_0123456789abcdef0123456789",
+            "0123456789abcdef-ReplaceMe-0123456789abcdef",
+            "change-me-to-a-long-random-value",
+            "CHANGE ME PLEASE 0123456789abcdef",
+            "my-PlaceHolder-secret-0123456789abcdef",
+        ] {
+            let e = refuse_placeholder("JWT_SECRET", value).unwrap_err();
+            assert_eq!(e.setting, "JWT_SECRET");
+            let line = e.to_string();
+            assert!(line.contains("placeholder"), "{line}");
+            assert!(!line.contains(value), "{line}");
+            assert!(!line.contains('\n'), "{line}");
+        }
+        for value in [
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "mosaic-test-secret-0123456789-abcdefghij",
+            "examples-test-jwt-secret-0123456789abcdef",
+            "replace-m3-0123456789abcdef",
+        ] {
+            refuse_placeholder("JWT_SECRET", value).unwrap();
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Logs and metrics set-up.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -29,11 +31,32 @@ pub fn init_logs(format: LogFormat) {
     };
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// How often the recorder's upkeep runs.
+pub const UPKEEP_INTERVAL: Duration = if cfg!(test) {
+    Duration::from_millis(20)
+} else {
+    Duration::from_secs(5)
+};
+
+static UPKEEP_RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times the recorder's upkeep has run in this process.
+pub fn upkeep_runs() -> u64 {
+    UPKEEP_RUNS.load(Ordering::Relaxed)
+}
+
+/// The process-wide Prometheus recorder, installed on first use, with its upkeep.
 ///
 /// Every service in the process records into it, so metric names carry a
 /// per-service prefix. When another recorder was installed first (a test that set
 /// its own), the handle still renders, but renders nothing of that recorder.
+///
+/// Installing it also starts the recorder's upkeep, once per process: a thread that
+/// calls [`PrometheusHandle::run_upkeep`] every [`UPKEEP_INTERVAL`]. The recorder
+/// keeps every histogram sample until upkeep (or a scrape) folds it into the
+/// histogram's buckets, so without it an unscraped process would grow without
+/// bound. A thread rather than a task, because it must outlive any one runtime (tests
+/// run several services, each on its own).
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -49,7 +72,52 @@ pub fn metrics() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed");
             }
+            start_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                handle.run_upkeep();
+                UPKEEP_RUNS.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(UPKEEP_INTERVAL);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upkeep_runs_on_its_own_once_the_recorder_is_installed() {
+        let _ = metrics();
+        let first = upkeep_runs();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Several runs with no scrape in between: it runs on an interval, by itself.
+        while upkeep_runs() < first + 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the recorder's upkeep does not run (runs: {})",
+                upkeep_runs()
+            );
+            std::thread::sleep(UPKEEP_INTERVAL);
+        }
+        // Installing again starts no second thread.
+        let _ = metrics();
+        let threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "metrics-upkeep")
+            .count();
+        assert_eq!(threads, 1);
+    }
 }

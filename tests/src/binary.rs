@@ -47,6 +47,48 @@ pub async fn assert_refused(bin: &str, vars: &[(&str, &str)], setting: &str) -> 
     lines[0].to_owned()
 }
 
+/// Raises this process's soft limit on open files to at least `wanted` (up to the
+/// hard limit), so a test can hold many connections; the binaries it starts inherit
+/// the limit. Returns the soft limit in force afterwards.
+#[allow(unsafe_code)]
+pub fn raise_open_files(wanted: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by
+    // reference, which lives for the whole call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < wanted {
+            let raised = libc::rlimit {
+                rlim_cur: wanted.min(lim.rlim_max),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// The value of `name` in the `literals` of the Kubernetes base's generators
+/// (`k8s/base/kustomization.yaml`), e.g. the placeholder `JWT_SECRET` it publishes.
+pub fn manifest_literal(name: &str) -> String {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/base/kustomization.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prefix = format!("{name}=");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("- ")?.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no literal {name}= in {}", path.display()))
+        .trim()
+        .to_owned()
+}
+
 /// A running service binary, listening on a free loopback port.
 #[derive(Debug)]
 pub struct Running {
@@ -71,6 +113,22 @@ impl Running {
             .expect("the binary starts");
         readiness(addr, true, WAIT).await;
         Running { child, addr }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the binary is running")
+    }
+
+    /// The process's resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status of the running binary");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line")
     }
 
     /// Sends SIGTERM.

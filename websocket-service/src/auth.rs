@@ -37,8 +37,11 @@ pub enum KeyError {
     Invalid(String),
 }
 
-/// Why a token was refused. The reason is a metric label and a log field; the
-/// device only learns "unauthorized".
+/// Why a token was refused. [`AuthError::as_str`] is the metric label and log field;
+/// the text (`Display`) is what the device is told: the `message` of its
+/// `unauthorized` error frame, or of the 401 body when the token came in the
+/// `Authorization` header. The texts are fixed: they never quote the token, a claim
+/// or a key, and they say no more than which check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// Not a well-formed JWT, or too long.
@@ -344,6 +347,35 @@ mod tests {
         ] {
             assert_eq!(v.verify(&hs(claims.clone())), Err(why), "{claims}");
         }
+    }
+
+    /// The largest `JWT_LEEWAY_SECS` still verifies tokens and still refuses the
+    /// ones past it (`u64::MAX` used to overflow the expiry check).
+    #[test]
+    fn the_largest_leeway_works() {
+        let max = crate::config::MAX_JWT_LEEWAY_SECS;
+        let v = Verifier {
+            leeway: max,
+            ..verifier(None, None)
+        };
+        let d = Uuid::new_v4();
+        v.verify(&hs(json!({"sub": d, "exp": now() + 60}))).unwrap();
+        v.verify(&hs(json!({"sub": d, "exp": now() - max + 30})))
+            .unwrap();
+        v.verify(&hs(
+            json!({"sub": d, "exp": now() + 60, "nbf": now() + max - 30}),
+        ))
+        .unwrap();
+        assert_eq!(
+            v.verify(&hs(json!({"sub": d, "exp": now() - max - 30}))),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            v.verify(&hs(
+                json!({"sub": d, "exp": now() + 60, "nbf": now() + max + 30})
+            )),
+            Err(AuthError::NotYetValid)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`auth`]: JWT verification against a fixed set of HMAC and public keys.
 //! - `server`: `GET /v1/connect`, the health routes, and [`run`] with its shutdown
 //!   sequence.
+//! - `admission`: the connection caps (`MAX_CONNECTIONS`, `MAX_UNAUTHENTICATED`).
 //! - `session`: the task that owns one device's socket; `session::handshake` runs
 //!   in-band authentication, `session::inbound` handles the device's frames.
 //! - `registry`: which sessions this replica holds, and their outbound queues.
@@ -26,6 +27,7 @@
 //! ```
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
+mod admission;
 pub mod auth;
 mod broker;
 mod command;

@@ -24,8 +24,18 @@ pub const BROADCAST_DROPPED: &str = "mosaic_ws_broadcast_dropped_total";
 /// Counter: device frames held back by the per-device rate limit (`EVENT_RATE`).
 pub const RATE_LIMITED: &str = "mosaic_ws_rate_limited_total";
 
+/// Gauge: WebSocket connections open on this replica, authenticated or not (the
+/// number `MAX_CONNECTIONS` caps).
+pub const SOCKETS: &str = "mosaic_ws_sockets";
+/// Gauge: of those, connections still in the `hello`/`auth` phase (the number
+/// `MAX_UNAUTHENTICATED` caps).
+pub const UNAUTHENTICATED_SOCKETS: &str = "mosaic_ws_unauthenticated_sockets";
+/// Counter by `limit` (`max_connections`, `max_unauthenticated`): upgrade requests
+/// refused with 503 because a connection cap was reached.
+pub const CONNECTIONS_REFUSED: &str = "mosaic_ws_connections_refused_total";
+
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 12] = [
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -35,6 +45,9 @@ pub const ALL: [&str; 9] = [
     CLOSES,
     BROADCAST_DROPPED,
     RATE_LIMITED,
+    SOCKETS,
+    UNAUTHENTICATED_SOCKETS,
+    CONNECTIONS_REFUSED,
 ];
 
 pub(crate) fn session_opened() {
@@ -75,4 +88,23 @@ pub(crate) fn broadcast_dropped() {
 
 pub(crate) fn rate_limited() {
     counter!(RATE_LIMITED).increment(1);
+}
+
+pub(crate) fn socket_opened(unauthenticated: bool) {
+    gauge!(SOCKETS).increment(1.0);
+    if unauthenticated {
+        gauge!(UNAUTHENTICATED_SOCKETS).increment(1.0);
+    }
+}
+
+pub(crate) fn socket_authenticated() {
+    gauge!(UNAUTHENTICATED_SOCKETS).decrement(1.0);
+}
+
+pub(crate) fn socket_closed() {
+    gauge!(SOCKETS).decrement(1.0);
+}
+
+pub(crate) fn connection_refused(limit: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(1);
 }

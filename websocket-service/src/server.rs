@@ -4,8 +4,15 @@
 //! Shutdown: the `shutdown` future resolves -> stop accepting -> `/readyz` false ->
 //! every session closes with 1001 and publishes its `disconnected` message -> wait
 //! for the tracked session tasks within `SHUTDOWN_GRACE_MS` -> close the broker
-//! connection -> return. Upgraded sockets escape axum's graceful shutdown, so each
-//! session holds a task-tracker token.
+//! connection -> return. Upgraded sockets escape the HTTP server's graceful shutdown,
+//! so each session holds a task-tracker token.
+//!
+//! Bounds: the HTTP server drops a client that does not send its request headers
+//! within `HEADER_READ_TIMEOUT_MS` and serves at most `MAX_HTTP_CONNECTIONS` HTTP
+//! connections at once ([`mosaic_runtime::serve`]); `GET /v1/connect` answers 503
+//! before the upgrade when this replica holds `MAX_CONNECTIONS` WebSocket
+//! connections, or `MAX_UNAUTHENTICATED` of them are still authenticating
+//! ([`crate::admission`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +28,7 @@ use mosaic_runtime::config::ConfigError;
 use mosaic_runtime::health;
 use tokio::net::TcpListener;
 
+use crate::admission::{Admission, Refused};
 use crate::auth::KeyError;
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -57,6 +65,11 @@ pub async fn run(
     let gw = Arc::new(Gateway::new(&config)?);
     let id = gw.id;
     tracing::info!(gateway = %id, addr = ?listener.local_addr().ok(), "websocket-service listening");
+    warn_if_short_of_files(&config);
+    let admission = Admission::new(
+        usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+        usize::try_from(config.max_unauthenticated).unwrap_or(usize::MAX),
+    );
 
     let settings = config.broker.settings("websocket-service", id.to_string());
     let commands = gw.broker.start(settings, gw.registry.clone());
@@ -73,9 +86,13 @@ pub async fn run(
             gw.update_readiness();
         }
     });
-    let server = axum::serve(listener, router(gw.clone()))
-        .with_graceful_shutdown(async move { token.cancelled().await });
-    let mut server = tokio::spawn(server.into_future());
+    let server = mosaic_runtime::serve::serve(
+        listener,
+        router(gw.clone(), admission),
+        config.http_limits(),
+        async move { token.cancelled().await },
+    );
+    let mut server = tokio::spawn(server);
     let early = tokio::select! {
         r = &mut server => Some(r),
         _ = gw.shutdown.cancelled() => None,
@@ -115,11 +132,41 @@ pub async fn run(
     }
 }
 
-fn router(gw: Arc<Gateway>) -> Router {
+/// Warns when the process may open fewer files than its connection caps allow: past
+/// that limit accepts fail (`EMFILE`) instead of the caps answering 503.
+fn warn_if_short_of_files(config: &Config) {
+    let needed = config
+        .max_connections
+        .saturating_add(config.max_http_connections)
+        .saturating_add(FILES_BESIDES_CONNECTIONS);
+    if let Some(limit) = mosaic_runtime::serve::open_files_limit()
+        && limit < needed
+    {
+        tracing::warn!(
+            open_files_limit = limit,
+            max_connections = config.max_connections,
+            max_http_connections = config.max_http_connections,
+            "the open-files limit is below MAX_CONNECTIONS + MAX_HTTP_CONNECTIONS: \
+             raise it (ulimit -n) or lower the caps"
+        );
+    }
+}
+
+/// Files the process needs besides its client connections (broker, listener, logs).
+const FILES_BESIDES_CONNECTIONS: u64 = 64;
+
+/// What `GET /v1/connect` needs: the replica, and its connection caps.
+#[derive(Debug, Clone)]
+struct Connect {
+    gw: Arc<Gateway>,
+    admission: Arc<Admission>,
+}
+
+fn router(gw: Arc<Gateway>, admission: Arc<Admission>) -> Router {
     let health = health::router(gw.readiness.clone());
     Router::new()
         .route("/v1/connect", get(connect))
-        .with_state(gw)
+        .with_state(Connect { gw, admission })
         .merge(health)
 }
 
@@ -128,15 +175,50 @@ fn unauthorized(message: &str) -> Response {
     (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
 }
 
+/// Seconds a device refused with 503 is asked to wait (`Retry-After`).
+const RETRY_AFTER_SECS: &str = "5";
+
+/// 503 `unavailable` with `Retry-After`: this replica takes no connection now.
+fn unavailable(message: &str) -> Response {
+    let body = serde_json::json!({"error": {"code": code::UNAVAILABLE, "message": message}});
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, RETRY_AFTER_SECS)],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// 503 for a connection refused at a cap.
+fn over_capacity(refused: Refused) -> Response {
+    metrics::connection_refused(refused.as_str());
+    tracing::debug!(limit = refused.as_str(), "connection refused at a cap");
+    unavailable(match refused {
+        Refused::MaxConnections => {
+            "this gateway holds as many connections as it may; connect again later"
+        }
+        Refused::MaxUnauthenticated => {
+            "too many connections are waiting to authenticate; connect again later, \
+             or send the token in an Authorization header"
+        }
+    })
+}
+
 async fn connect(
-    State(gw): State<Arc<Gateway>>,
+    State(Connect { gw, admission }): State<Connect>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     if gw.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+        return unavailable("shutting down; connect again later");
     }
-    let identity = match headers.get(header::AUTHORIZATION) {
+    // Counted from here: a refused token or a failed upgrade drops the slot.
+    let authorization = headers.get(header::AUTHORIZATION);
+    let slot = match admission.admit(authorization.is_some()) {
+        Ok(slot) => slot,
+        Err(refused) => return over_capacity(refused),
+    };
+    let identity = match authorization {
         None => None,
         Some(value) => {
             let token = value.to_str().ok().and_then(|v| {
@@ -166,7 +248,7 @@ async fn connect(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::serve(gw, socket, identity).await;
+            session::serve(gw, socket, identity, slot).await;
             drop(token);
         })
 }

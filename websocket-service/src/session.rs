@@ -26,6 +26,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::admission::Slot;
 use crate::auth::Identity;
 use crate::broker::PublishError;
 use crate::gateway::Gateway;
@@ -137,8 +138,13 @@ impl Bucket {
 
 /// Runs a device connection to its end. `identity` is set when the upgrade request
 /// carried a valid `Authorization` header; otherwise the device authenticates in band.
-pub(crate) async fn serve<S, E>(gw: Arc<Gateway>, mut socket: S, identity: Option<Identity>)
-where
+/// `slot` is the connection's place under the connection caps, held to the end.
+pub(crate) async fn serve<S, E>(
+    gw: Arc<Gateway>,
+    mut socket: S,
+    identity: Option<Identity>,
+    mut slot: Slot,
+) where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     E: std::fmt::Display,
 {
@@ -149,6 +155,7 @@ where
             None => return,
         },
     };
+    slot.authenticated();
     let session = Uuid::now_v7();
     let span = tracing::info_span!("session", device = %identity.device, %session);
     run_session(gw, socket, identity, session)
@@ -556,6 +563,15 @@ mod tests {
                 .expect("a frame in time")
                 .expect("socket open")
         }
+        /// The next frame that is not a ping.
+        async fn recv_past_pings(&mut self) -> Message {
+            loop {
+                match self.recv().await {
+                    Message::Ping(_) => continue,
+                    other => return other,
+                }
+            }
+        }
         async fn json(&mut self) -> Value {
             match self.recv().await {
                 Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
@@ -572,6 +588,13 @@ mod tests {
         Arc::new(Gateway::new(&config).unwrap())
     }
 
+    /// A place under caps that never refuse.
+    fn slot() -> Slot {
+        crate::admission::Admission::new(usize::MAX, usize::MAX)
+            .admit(false)
+            .unwrap()
+    }
+
     fn start(gw: &Arc<Gateway>) -> (TestDevice, tokio::task::JoinHandle<()>) {
         let (dev_tx, inbound) = mpsc::channel(16);
         let (out_tx, dev_rx) = mpsc::channel(16);
@@ -579,7 +602,7 @@ mod tests {
             inbound,
             outbound: PollSender::new(out_tx),
         };
-        let task = tokio::spawn(serve(gw.clone(), pipe, None));
+        let task = tokio::spawn(serve(gw.clone(), pipe, None, slot()));
         (
             TestDevice {
                 send: dev_tx,
@@ -647,10 +670,69 @@ mod tests {
             inbound,
             outbound: PollSender::new(out_tx),
         };
-        let fut = serve(gw, pipe, None);
+        let fut = serve(gw, pipe, None, slot());
         let size = std::mem::size_of_val(&fut);
         eprintln!("session future: {size} bytes");
         assert!(size < 4 * 1024, "{size}");
+    }
+
+    /// The largest durations the configuration accepts go through a whole session
+    /// (hello with the auth timeout, pings, events, shutdown) without overflowing the
+    /// clock, as `PONG_TIMEOUT_MS=18446744073709551615` used to.
+    #[tokio::test]
+    async fn the_largest_durations_do_not_overflow_the_clock() {
+        let max = crate::config::MAX_TIMEOUT_MS.to_string();
+        // Pings every 20 ms, each with the longest pong timeout.
+        let gw = gateway(&[
+            "--pong-timeout-ms",
+            &max,
+            "--auth-timeout-ms",
+            &max,
+            "--ping-interval-ms",
+            "20",
+        ]);
+        let (mut d, task) = start(&gw);
+        assert_eq!(
+            d.json().await["auth_timeout_ms"],
+            crate::config::MAX_TIMEOUT_MS
+        );
+        d.send(json!({"type":"auth","token": token(Uuid::new_v4(), 60)}))
+            .await;
+        assert_eq!(d.json().await["type"], "welcome");
+        for _ in 0..2 {
+            assert!(matches!(d.recv().await, Message::Ping(_)));
+            d.send
+                .send(Message::Pong(Default::default()))
+                .await
+                .unwrap();
+        }
+        d.send(json!({"type":"event","name":"t","id":"1"})).await;
+        let nack = match d.recv_past_pings().await {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str()).unwrap(),
+            other => panic!("expected the nack, got {other:?}"),
+        };
+        assert_eq!(nack["type"], "nack");
+        gw.shutdown.cancel();
+        assert_eq!(close_code(d.recv_past_pings().await), close::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .expect("the session task did not panic");
+
+        // The longest ping interval with the longest pong timeout.
+        let ping = crate::config::MAX_PING_INTERVAL_MS.to_string();
+        let gw = gateway(&["--pong-timeout-ms", &max, "--ping-interval-ms", &ping]);
+        let (mut d, task) = start(&gw);
+        d.json().await;
+        d.send(json!({"type":"auth","token": token(Uuid::new_v4(), 60)}))
+            .await;
+        assert_eq!(d.json().await["type"], "welcome");
+        gw.shutdown.cancel();
+        assert_eq!(close_code(d.recv().await), close::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .expect("the session task did not panic");
     }
 
     #[tokio::test]

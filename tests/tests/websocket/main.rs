@@ -7,6 +7,7 @@ mod auth;
 mod commands;
 mod events;
 mod hardening;
+mod limits;
 mod resilience;
 
 use std::collections::HashMap;
