@@ -70,7 +70,7 @@ pub struct BrokerArgs {
 
     /// Longest wait between two attempts to reconnect to RabbitMQ, in milliseconds.
     #[arg(long, env = "RECONNECT_MAX_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(10..=300_000))]
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub reconnect_max_ms: u64,
 
     /// Bound on closing the RabbitMQ connection and cancelling consumers, in milliseconds.

@@ -145,3 +145,34 @@ async fn refused_tokens_and_auth_timeouts_give_their_place_back() {
     d.close().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_with_the_longest_durations_runs_and_ends_cleanly() {
+    let vh = broker().vhost("ws-longest").await;
+    let max = websocket_service::config::MAX_TIMEOUT_MS.to_string();
+    let longest_ping = websocket_service::config::MAX_PING_INTERVAL_MS.to_string();
+    for ping in ["20", longest_ping.as_str()] {
+        // Pings every 20 ms, each with the longest pong timeout; then the longest
+        // interval: none of the deadlines may overflow the clock.
+        let gw = Gateway::start(
+            &vh.amqp_url,
+            &[
+                ("PONG_TIMEOUT_MS", &max),
+                ("AUTH_TIMEOUT_MS", &max),
+                ("PING_INTERVAL_MS", ping),
+            ],
+        )
+        .await;
+        let (_, tok) = device();
+        let (mut d, _) = Device::connect_in_band(gw.addr, &tok).await;
+        // The client answers the pings as it reads.
+        d.send(&json!({"type":"event","name":"t","id":"1"})).await;
+        assert_eq!(d.recv().await, json!({"type":"ack","id":"1"}));
+        assert!(d.open_after(std::time::Duration::from_millis(100)).await);
+        let stopping = tokio::spawn(gw.stop());
+        let (_, ended) = d.ended_within(WAIT).await;
+        assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+        // `stop` asserts that `run` returned Ok: no task panicked.
+        stopping.await.unwrap();
+    }
+}
