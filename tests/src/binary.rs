@@ -1,7 +1,9 @@
-//! A service binary run for real: a cleared environment, refused settings, SIGTERM.
+//! A service binary run for real: a cleared environment, refused settings, SIGTERM,
+//! SIGKILL, its memory, its standard error kept for a failing test.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -90,29 +92,113 @@ pub fn manifest_literal(name: &str) -> String {
 }
 
 /// A running service binary, listening on a free loopback port.
+///
+/// Started with [`Running::start_logged`] or [`Running::spawn_logged`], its standard
+/// error goes to a file: [`Running::stderr`] reads it, and it is printed when the
+/// `Running` is dropped during a panic (a failing assertion, a timed-out wait).
 #[derive(Debug)]
 pub struct Running {
     child: Child,
     /// Its `LISTEN_ADDR`.
     pub addr: SocketAddr,
+    /// The file holding its standard error, and the directory that owns the file.
+    log: Option<(PathBuf, tempfile::TempDir)>,
 }
 
 impl Running {
     /// Starts `bin` with `vars` plus `LISTEN_ADDR` on a free port, and waits until its
-    /// `/readyz` answers 200.
+    /// `/readyz` answers 200. Its output is discarded.
     pub async fn start(bin: &str, vars: &[(&str, &str)]) -> Running {
+        let running = Self::launch(bin, &[], vars, false);
+        readiness(running.addr, true, WAIT).await;
+        running
+    }
+
+    /// Like [`Running::start`], keeping its standard error in a file.
+    ///
+    /// ```no_run
+    /// # async fn f() {
+    /// # use mosaic_tests::binary::Running;
+    /// let mut service = Running::start_logged("target/debug/device-service", &[]).await;
+    /// let rss = service.rss_bytes().expect("it runs");
+    /// let status = service.kill().await; // SIGKILL, reaped
+    /// println!("{rss} bytes, then {status}; its stderr:\n{}", service.stderr());
+    /// # }
+    /// ```
+    pub async fn start_logged(bin: &str, vars: &[(&str, &str)]) -> Running {
+        let running = Self::launch(bin, &[], vars, true);
+        // A panic here drops `running`, which prints its standard error.
+        readiness(running.addr, true, WAIT).await;
+        running
+    }
+
+    /// Starts `bin` with `args`, `vars` plus `LISTEN_ADDR` on a free port, keeping its
+    /// standard error in a file, without waiting for readiness: for a binary started
+    /// while what it needs is down, or one without `/readyz`.
+    pub fn spawn_logged(bin: &str, args: &[&str], vars: &[(&str, &str)]) -> Running {
+        Self::launch(bin, args, vars, true)
+    }
+
+    fn launch(bin: &str, args: &[&str], vars: &[(&str, &str)], logged: bool) -> Running {
         let [port] = crate::broker::free_ports::<1>().expect("a free port");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let listen = addr.to_string();
         let mut all = vars.to_vec();
         all.push(("LISTEN_ADDR", &listen));
-        let child = command(bin, &all)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the binary starts");
-        readiness(addr, true, WAIT).await;
-        Running { child, addr }
+        let mut cmd = command(bin, &all);
+        cmd.args(args).stdout(Stdio::null());
+        let log = if logged {
+            let dir = tempfile::Builder::new()
+                .prefix("mosaic-stderr-")
+                .tempdir()
+                .expect("a directory for the binary's stderr");
+            let path = dir.path().join("stderr.log");
+            let file = std::fs::File::create(&path).expect("the stderr file");
+            cmd.stderr(file);
+            Some((path, dir))
+        } else {
+            cmd.stderr(Stdio::null());
+            None
+        };
+        let child = cmd.spawn().expect("the binary starts");
+        Running { child, addr, log }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the binary has not been reaped")
+    }
+
+    /// Its resident memory now (`VmRSS`), in bytes; `None` once it has exited.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes(self.child.id()?)
+    }
+
+    /// What it wrote to standard error so far (empty unless started with
+    /// [`Running::start_logged`] or [`Running::spawn_logged`]).
+    pub fn stderr(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|(path, _)| std::fs::read(path).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits at most [`WAIT`] for it to exit by itself and returns its exit status.
+    pub async fn wait(&mut self) -> ExitStatus {
+        within(WAIT, "the binary to exit", self.child.wait())
+            .await
+            .expect("wait for the binary")
+    }
+
+    /// Kills it with SIGKILL (a crash, an OOM kill) and reaps it; returns its exit
+    /// status (killed by signal 9, unless it had already exited).
+    pub async fn kill(&mut self) -> ExitStatus {
+        // `start_kill` fails only when the process was already reaped.
+        let _ = self.child.start_kill();
+        within(WAIT, "the killed binary to be reaped", self.child.wait())
+            .await
+            .expect("wait for the binary")
     }
 
     /// The process id.
@@ -156,4 +242,32 @@ impl Running {
         .await;
         assert!(connect.is_err(), "{} still accepts connections", self.addr);
     }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.log.is_some() {
+            eprintln!(
+                "--- stderr of pid {:?} (LISTEN_ADDR {}) ---\n{}--- end ---",
+                self.child.id(),
+                self.addr,
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// The resident memory of process `pid` (`VmRSS` in `/proc/<pid>/status`), in bytes;
+/// `None` when there is no such process (a zombie has none either).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }

@@ -1,19 +1,24 @@
 //! A private RabbitMQ for tests.
 
-use std::io::{BufRead, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::watchdog::Watchdog;
+
+mod node;
+
+pub use node::{CONSUMER_TIMEOUT_TICK, NodeConfig};
+pub(crate) use node::{NodeSpec, check_installed, epmd_path, rabbitmqctl};
+
 /// Where Debian's package keeps the scripts that run as the calling user.
-const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+pub(crate) const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 /// How long a node may take to start (6–9 s idle, up to 17 s beside a build).
-const START_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Variable naming an already running broker's AMQP URL (vhost `/`).
 pub const AMQP_URL_VAR: &str = "MOSAIC_TEST_AMQP_URL";
@@ -32,9 +37,8 @@ pub struct Broker {
 
 #[derive(Debug)]
 struct Private {
-    /// Closing this pipe (at process exit, or on drop) stops the node.
-    watchdog_stdin: Mutex<Option<ChildStdin>>,
-    watchdog: Mutex<Child>,
+    /// Stops the node when this process exits, or on drop.
+    watchdog: Watchdog,
     dir: tempfile::TempDir,
     /// The node's name and its epmd's port, for `rabbitmqctl`.
     node: String,
@@ -85,79 +89,57 @@ impl Broker {
     /// Starts a private node on free loopback ports and waits until it serves AMQP
     /// and its management API.
     pub fn start() -> anyhow::Result<Self> {
-        if !Path::new(RABBITMQ_BIN).join("rabbitmq-server").exists() {
-            bail!("rabbitmq-server is not installed: apt-get install -y rabbitmq-server");
-        }
+        Self::start_with(&NodeConfig::default())
+    }
+
+    /// Like [`Broker::start`], with extra configuration: a short `consumer_timeout`,
+    /// a memory alarm threshold, an application setting in `advanced.config`.
+    ///
+    /// ```no_run
+    /// # use mosaic_tests::{Broker, broker::NodeConfig};
+    /// # use std::time::Duration;
+    /// let config = NodeConfig::new()
+    ///     .consumer_timeout(Duration::from_secs(3))
+    ///     .conf("vm_memory_high_watermark.absolute = 200MB");
+    /// let broker = Broker::start_with(&config)?;
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn start_with(config: &NodeConfig) -> anyhow::Result<Self> {
+        check_installed()?;
         let dir = tempfile::Builder::new()
             .prefix("mosaic-rabbit-")
             .tempdir()?;
         let [amqp, dist, epmd, mgmt] = free_ports::<4>()?;
-        let node = format!("mosaic{amqp}@localhost");
-        let d = dir.path();
-        std::fs::create_dir_all(d.join("log"))?;
-        std::fs::write(
-            d.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{amqp}\n\
-                 management.tcp.ip = 127.0.0.1\n\
-                 management.tcp.port = {mgmt}\n\
-                 loopback_users = none\n\
-                 log.console = false\n\
-                 log.file.level = warning\n"
-            ),
-        )?;
-        std::fs::write(d.join("enabled_plugins"), "[rabbitmq_management].\n")?;
-        std::fs::write(d.join("env.conf"), "")?;
-        std::fs::write(d.join("advanced.config"), "[].\n")?;
+        let node = NodeSpec {
+            name: format!("mosaic{amqp}@localhost"),
+            dir: dir.path().to_owned(),
+            amqp,
+            dist,
+            mgmt,
+        };
+        node.write_files(config, "")?;
 
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(WATCHDOG)
-            .env("HOME", d)
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", amqp.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env("ERL_EPMD_PORT", epmd.to_string())
-            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d.join("log"))
-            .env("RABBITMQ_PID_FILE", d.join("rabbit.pid"))
-            .env("RABBITMQ_CONF_ENV_FILE", d.join("env.conf"))
-            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d.join("advanced.config"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
-            .env(
-                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
-                "-kernel inet_dist_use_interface {127,0,0,1}",
-            )
+        let mut cmd = Watchdog::command(WATCHDOG);
+        cmd.env("HOME", dir.path())
+            .envs(node.env(epmd))
             .env("MOSAIC_RABBIT_BIN", RABBITMQ_BIN)
-            .env("MOSAIC_RABBIT_DIR", d)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            // Its own process group: Ctrl-C on the test run reaches the tests, and the
-            // watchdog, seeing its pipe close, stops the node cleanly.
-            .process_group(0);
-        let mut child = cmd.spawn().context("spawning the broker watchdog")?;
+            .env("MOSAIC_EPMD", epmd_path()?)
+            .env("MOSAIC_RABBIT_DIR", dir.path());
+        let watchdog = Watchdog::spawn(cmd, "broker")?;
         // The watchdog says "started" once epmd and the node were launched.
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().context("watchdog stdout")?)
-            .read_line(&mut line)?;
+        let line = watchdog.line(Duration::from_secs(30))?;
         if line.trim() != "started" {
             bail!("broker watchdog failed to start: {line:?}");
         }
-        let stdin = child.stdin.take();
         let broker = Broker {
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp}"),
             mgmt_url: format!("http://127.0.0.1:{mgmt}"),
             amqp_addr: SocketAddr::from(([127, 0, 0, 1], amqp)),
             http: mgmt_client(),
             _private: Some(Private {
-                watchdog_stdin: Mutex::new(stdin),
-                watchdog: Mutex::new(child),
+                watchdog,
                 dir,
-                node,
+                node: node.name,
                 epmd,
             }),
         };
@@ -175,7 +157,7 @@ impl Broker {
                 return Ok(());
             }
             if let Some(p) = &self._private
-                && let Ok(Some(status)) = p.watchdog.lock().unwrap().try_wait()
+                && let Some(status) = p.watchdog.exited()
             {
                 bail!("RabbitMQ exited during start ({status})");
             }
@@ -214,22 +196,7 @@ impl Broker {
             ._private
             .as_ref()
             .context("rabbitmqctl is only run against a node of this process")?;
-        let out = Command::new(Path::new(RABBITMQ_BIN).join("rabbitmqctl"))
-            .args(["-q", "-t", "30", "-n", &p.node])
-            .args(args)
-            .env("HOME", p.dir.path())
-            .env("ERL_EPMD_PORT", p.epmd.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .context("running rabbitmqctl")?;
-        if !out.status.success() {
-            bail!(
-                "rabbitmqctl {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        rabbitmqctl(p.dir.path(), p.epmd, &p.node, args)
     }
 
     /// The node's log directory, when this process started the node.
@@ -287,8 +254,7 @@ impl Broker {
     /// Stops a private node now (it also stops when the process exits).
     pub fn stop(&self) {
         if let Some(p) = &self._private {
-            drop(p.watchdog_stdin.lock().unwrap().take());
-            let _ = p.watchdog.lock().unwrap().wait();
+            p.watchdog.stop();
         }
     }
 }
@@ -303,8 +269,7 @@ impl Drop for Broker {
 /// its stdin to close, then stops the node and epmd and waits for both.
 const WATCHDOG: &str = r#"
 set -u
-B="$MOSAIC_RABBIT_BIN"; D="$MOSAIC_RABBIT_DIR"
-EPMD=$(command -v epmd || ls /usr/lib/erlang/erts-*/bin/epmd 2>/dev/null | head -n1)
+B="$MOSAIC_RABBIT_BIN"; D="$MOSAIC_RABBIT_DIR"; EPMD="$MOSAIC_EPMD"
 "$EPMD" -port "$ERL_EPMD_PORT" -address 127.0.0.1 >/dev/null 2>&1 </dev/null &
 epmd_pid=$!
 "$B/rabbitmq-server" >"$D/log/server.out" 2>&1 </dev/null &
@@ -333,19 +298,25 @@ pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
 }
 
 fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    mgmt_get_blocking(addr, path).is_some()
+}
+
+/// `GET path` on a management listener as guest, blocking, each step bounded by 2 s;
+/// the body of a 200 answer, else `None`.
+pub(crate) fn mgmt_get_blocking(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
     // guest:guest
     let req = format!(
         "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n\r\n"
     );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains(" 200 ")
+    s.write_all(req.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?;
+    status.contains(" 200 ").then(|| body.to_owned())
 }
 
 /// A management API client that keeps no idle connection: tests run on runtimes of
