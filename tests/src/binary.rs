@@ -201,22 +201,6 @@ impl Running {
             .expect("wait for the binary")
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the binary is running")
-    }
-
-    /// The process's resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("/proc/<pid>/status of the running binary");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("a VmRSS line")
-    }
-
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = self.child.id().expect("the binary is running").to_string();

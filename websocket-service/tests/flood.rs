@@ -67,7 +67,7 @@ async fn a_connect_flood_is_held_at_the_unauthenticated_cap() {
     .await;
     let addr = service.addr;
     let service = Arc::new(service);
-    let rss_idle = service.rss_kib();
+    let rss_idle = service.rss_bytes().expect("the gateway is running") / 1024;
 
     // Sample the gateway's own view and its memory while the drill runs.
     let sampling = Arc::new(AtomicBool::new(true));
@@ -77,7 +77,7 @@ async fn a_connect_flood_is_held_at_the_unauthenticated_cap() {
             let http = reqwest::Client::new();
             let (mut max_unauth, mut max_rss) = (0f64, 0u64);
             while sampling.load(Ordering::Relaxed) {
-                max_rss = max_rss.max(service.rss_kib());
+                max_rss = max_rss.max(service.rss_bytes().expect("the gateway is running") / 1024);
                 if let Ok(res) = http
                     .get(format!("http://{addr}/metrics"))
                     .timeout(Duration::from_secs(2))
@@ -139,7 +139,7 @@ async fn a_connect_flood_is_held_at_the_unauthenticated_cap() {
         .collect()
         .await;
     let flood_took = started.elapsed();
-    let rss_flooded = service.rss_kib();
+    let rss_flooded = service.rss_bytes().expect("the gateway is running") / 1024;
     let deadline = started + AUTH_TIMEOUT;
 
     let mut held = Vec::new();
@@ -210,7 +210,7 @@ async fn a_connect_flood_is_held_at_the_unauthenticated_cap() {
         .await
         .expect("the sampler stops")
         .unwrap();
-    let rss_after = service.rss_kib();
+    let rss_after = service.rss_bytes().expect("the gateway is running") / 1024;
     eprintln!(
         "gateway RSS: {} MiB idle, {} MiB after the flood, {} MiB peak, {} MiB after the \
          timeouts; at most {max_unauth_seen} unauthenticated sockets seen; {timed_out} \
