@@ -107,3 +107,27 @@ impl Listener {
         }
     }
 }
+
+/// A queue bound to everything on `mosaic.events` that keeps only the newest message:
+/// something takes device events, as device-service's relay queue does, so a
+/// gateway acks them (with nothing bound, events are nacked `unroutable`).
+pub async fn relay_stand_in(url: &str) {
+    use lapin::types::AMQPValue;
+    let (conn, ch) = connect(url).await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    let q = "relay-stand-in";
+    ch.queue_declare(q.into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("the relay stand-in queue");
+    ch.queue_bind(
+        q.into(),
+        mosaic_protocol::exchange::EVENTS.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("its binding");
+    let _ = conn.close(200, "".into()).await;
+}

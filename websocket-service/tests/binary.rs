@@ -131,6 +131,7 @@ async fn unusable_public_keys_exit_64_before_binding() {
 async fn a_slow_client_is_dropped_at_the_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let vh = broker().vhost("ws-binary-slowloris").await;
+    mosaic_tests::amqp::relay_stand_in(&vh.amqp_url).await;
     let service = Running::start(
         BIN,
         &[

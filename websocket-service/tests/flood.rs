@@ -53,6 +53,7 @@ async fn a_connect_flood_is_held_at_the_unauthenticated_cap() {
         "too few open files for the drill: {files}"
     );
     let vh = broker().vhost("ws-flood").await;
+    mosaic_tests::amqp::relay_stand_in(&vh.amqp_url).await;
     let auth_timeout_ms = AUTH_TIMEOUT.as_millis().to_string();
     let max_unauth = MAX_UNAUTHENTICATED.to_string();
     let service = Running::start(

@@ -40,7 +40,7 @@ impl Gateway {
     /// and waits until it is ready. A queue takes what devices send, as
     /// device-service's relay queue would (else events are nacked `unroutable`).
     async fn start(amqp_url: &str, extra: &[(&str, &str)]) -> Gateway {
-        relay_stand_in(amqp_url).await;
+        mosaic_tests::amqp::relay_stand_in(amqp_url).await;
         Gateway::start_bare(amqp_url, extra).await
     }
 
@@ -239,30 +239,6 @@ impl Hive {
             props: d.properties,
         }
     }
-}
-
-/// A queue bound to everything on `mosaic.events` that keeps only the newest message:
-/// something takes device events, as device-service's relay queue does.
-async fn relay_stand_in(url: &str) {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::{AMQPValue, FieldTable};
-    let (conn, ch) = mosaic_tests::amqp::connect(url).await;
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    let q = "relay-stand-in";
-    ch.queue_declare(q.into(), QueueDeclareOptions::default(), args)
-        .await
-        .expect("the relay stand-in queue");
-    ch.queue_bind(
-        q.into(),
-        "mosaic.events".into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("its binding");
-    let _ = conn.close(200, "".into()).await;
 }
 
 /// A device id and its HS256 token (valid for an hour).
