@@ -6,6 +6,7 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::Sink;
 use mosaic_protocol::close::{self, DisconnectReason};
 use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
+use mosaic_protocol::header;
 use tokio::time::Instant;
 
 use super::{Done, End, State, binary_refused, expires_at, send};
@@ -34,7 +35,7 @@ where
         Ok(ClientFrame::Event(ev)) => {
             metrics::frame_in("event");
             let id = ev.id.clone();
-            match message::event(st.origin, ev) {
+            match message::event(st.origin, ev, header::MAX_HEADER_TABLE_BYTES) {
                 Ok(m) => {
                     st.bad_frames = 0;
                     let publish = gw.broker.publish(m);
