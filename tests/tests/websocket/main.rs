@@ -7,6 +7,7 @@ mod auth;
 mod commands;
 mod events;
 mod resilience;
+mod wire_rules;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
