@@ -118,17 +118,25 @@
 //! parsed by the AMQP codec, which has no depth limit: the frame size bounds
 //! that input.)
 //!
+//! # Wire size
+//!
+//! [`encoded_len`] gives the exact number of bytes a table takes on the wire, so a
+//! publisher can refuse a table that would not fit its connection's `frame_max`
+//! before RabbitMQ closes the connection over it.
+//!
 //! # Layout
 //!
 //! - `error`: the [`Error`] enum.
 //! - `value`: `serde_json::Value` <-> [`AMQPValue`](amqp::AMQPValue) and the per-variant rules.
 //! - `ser`: the serializer behind [`to_table`].
 //! - `de`: the deserializer behind [`from_table`].
+//! - `size`: [`encoded_len`], the wire size of a table.
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
 mod de;
 mod error;
 mod ser;
+mod size;
 mod value;
 
 /// The AMQP types this crate maps to, re-exported from `amq-protocol-types`
@@ -142,4 +150,5 @@ pub mod amqp {
 pub use de::from_table;
 pub use error::Error;
 pub use ser::to_table;
+pub use size::encoded_len;
 pub use value::{MAX_DEPTH, from_amqp_value, from_field_table, to_amqp_value, to_field_table};

@@ -35,7 +35,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub use auth::Tokens;
-pub use error::{ApiError, ApiJson, ErrorBody, code};
+pub use error::{ApiError, ApiJson, ErrorBody, code, parse_body};
 
 use mosaic_amqp::{Link, Publish, PublishError, Routed};
 
@@ -79,8 +79,9 @@ pub struct EventBody {
     /// Any JSON; `null` when absent.
     #[serde(default)]
     pub data: Value,
-    /// Any other top-level field travels to the device unchanged (except the reserved
-    /// `type`, `id`, `kind`, `deadline`).
+    /// Any other top-level field travels to the device unchanged, except the reserved
+    /// `type`, `id`, `kind`, `deadline`, and `CC`, `BCC` and `x-...` in any letter case
+    /// (RabbitMQ reads those); at most 64 KiB of them as JSON text.
     #[serde(flatten)]
     #[schema(ignore)]
     pub extra: Map<String, Value>,
@@ -204,10 +205,10 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
     request_body = EventBody,
     responses(
         (status = 202, description = "A gateway holding the device took the event", body = Accepted),
-        (status = 400, description = "Bad body or device id", body = ErrorBody),
+        (status = 400, description = "`bad_request`: bad body (an integer outside -2^63..2^64-1 included); `reserved_field`: an extra field named `type`, `id`, `kind`, `deadline`, `CC`, `BCC` or `x-...` (any case); `bad_device_id`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "No gateway holds the device", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: body over `MAX_BODY_BYTES`, extra fields over 64 KiB as JSON text, or headers too large for one AMQP frame", body = ErrorBody),
         (status = 503, description = "Broker unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -229,9 +230,9 @@ async fn send_event(
     request_body = EventBody,
     responses(
         (status = 202, description = "Published to every connected device", body = Accepted),
-        (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 400, description = "`bad_request`: bad body (an integer outside -2^63..2^64-1 included); `reserved_field`: an extra field named `type`, `id`, `kind`, `deadline`, `CC`, `BCC` or `x-...` (any case)", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: body over `MAX_BODY_BYTES`, extra fields over 64 KiB as JSON text, or headers too large for one AMQP frame", body = ErrorBody),
         (status = 503, description = "Broker unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -253,10 +254,10 @@ async fn broadcast_event(
     request_body = RequestBody,
     responses(
         (status = 200, description = "The device answered", body = Answer),
-        (status = 400, description = "Bad body, device id or timeout_ms", body = ErrorBody),
+        (status = 400, description = "`bad_request`: bad body or `timeout_ms` (an integer outside -2^63..2^64-1 included); `reserved_field`: an extra field named `type`, `id`, `kind`, `deadline`, `CC`, `BCC` or `x-...` (any case); `bad_device_id`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "No gateway holds the device, or it disconnected", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: body over `MAX_BODY_BYTES`, extra fields over 64 KiB as JSON text, or headers too large for one AMQP frame", body = ErrorBody),
         (status = 503, description = "Broker unavailable, or too many pending requests", body = ErrorBody),
         (status = 504, description = "The device did not answer in time", body = ErrorBody),
     ),
@@ -312,12 +313,18 @@ fn parse_device(device: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// Checks the name and extra fields and builds the headers table.
-fn headers(
+/// Checks the name and extra fields of an event or request and builds its headers
+/// table (with `deadline` for a request): 400 `bad_request` for a bad name or an
+/// extra field AMQP cannot carry, 400 `reserved_field` for a name the gateway or
+/// RabbitMQ reads, 413 `body_too_large` for extra fields over 64 KiB of JSON or a
+/// table that would not fit in one AMQP content-header frame of the default size
+/// ([`mosaic_amqp::max_headers_bytes`]; the link checks the negotiated size again).
+pub fn command_headers(
     kind: Kind,
     id: Uuid,
     name: &str,
     extra: &Map<String, Value>,
+    deadline: Option<&str>,
 ) -> Result<FieldTable, ApiError> {
     let chars = name.chars().count();
     if chars == 0 || chars > MAX_NAME_CHARS {
@@ -332,12 +339,32 @@ fn headers(
             format!("field `{k}` is reserved"),
         ));
     }
+    header::check_extra(extra).map_err(|e| match e {
+        header::ExtraError::BrokerReserved(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, code::RESERVED_FIELD, e.to_string())
+        }
+        e => too_large(e.to_string()),
+    })?;
     let mut table = amqp_value_json::to_field_table(extra)
         .map_err(|e| ApiError::bad_request(format!("extra fields: {e}")))?;
     table.insert(header::KIND.into(), long(kind.as_str()));
     table.insert(header::ID.into(), long(&id.to_string()));
     table.insert(header::NAME.into(), long(name));
+    if let Some(deadline) = deadline {
+        table.insert(header::DEADLINE.into(), long(deadline));
+    }
+    let len = amqp_value_json::encoded_len(&table);
+    let max = mosaic_amqp::max_headers_bytes(0);
+    if len > max {
+        return Err(too_large(format!(
+            "the extra fields take {len} bytes as AMQP headers; at most {max} fit in one message header"
+        )));
+    }
     Ok(table)
+}
+
+fn too_large(message: String) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, code::BODY_TOO_LARGE, message)
 }
 
 fn properties(id: Uuid, headers: FieldTable) -> BasicProperties {
@@ -355,7 +382,7 @@ async fn event(
 ) -> Result<(StatusCode, axum::Json<Accepted>), ApiError> {
     let device = device.map(parse_device).transpose()?;
     let id = Uuid::now_v7();
-    let table = headers(Kind::Event, id, &body.name, &body.extra)?;
+    let table = command_headers(Kind::Event, id, &body.name, &body.extra, None)?;
     let payload = serde_json::to_vec(&body.data).expect("JSON values serialize");
     let link = state.link()?;
     let (key, mandatory) = match device {
@@ -396,12 +423,11 @@ async fn request(
     }
     let timeout = Duration::from_millis(timeout_ms);
     let id = Uuid::now_v7();
-    let mut table = headers(Kind::Request, id, &body.name, &body.extra)?;
     let deadline = time::OffsetDateTime::now_utc() + timeout;
     let deadline = deadline
         .format(&time::format_description::well_known::Rfc3339)
         .expect("a current time formats as RFC 3339");
-    table.insert(header::DEADLINE.into(), long(&deadline));
+    let table = command_headers(Kind::Request, id, &body.name, &body.extra, Some(&deadline))?;
     let payload = serde_json::to_vec(&body.data).expect("JSON values serialize");
     let link = state.link()?;
     let mut ticket = state.pending.register(id).map_err(|e| {
@@ -481,6 +507,10 @@ mod tests {
     const TOKEN: &str = "test-token-0123456789";
 
     fn app() -> Router {
+        app_with_limit(1024)
+    }
+
+    fn app_with_limit(max_body_bytes: usize) -> Router {
         let (_tx, rx) = watch::channel(None);
         let state = ApiState {
             link: rx,
@@ -488,7 +518,7 @@ mod tests {
             publish_timeout: Duration::from_secs(1),
             reply_queue: "replies".into(),
         };
-        router(state, Tokens::new([TOKEN]), 1024, Router::new())
+        router(state, Tokens::new([TOKEN]), max_body_bytes, Router::new())
     }
 
     async fn call(app: Router, req: Request<Body>) -> (StatusCode, Value) {
@@ -598,6 +628,100 @@ mod tests {
             assert_eq!(body["error"]["code"], code, "{what}: {body}");
             assert!(body["error"]["message"].is_string(), "{what}: {body}");
         }
+    }
+
+    /// What RabbitMQ reads, integers past 64 bits and oversize headers are refused
+    /// before anything is published (with no broker, what passes is a 503).
+    #[tokio::test]
+    async fn broker_names_big_integers_and_oversize_headers_are_refused() {
+        let ev = format!("{DEV}/events");
+        let rq = format!("{DEV}/requests");
+        let mut cases: Vec<(String, String, StatusCode, &str)> = Vec::new();
+        for path in [ev.as_str(), rq.as_str(), "/v1/broadcast/events"] {
+            for name in ["CC", "cc", "BCC", "Bcc", "x-death", "X-Match", "x-"] {
+                let body = serde_json::json!({"name": "a", (name): ["device.x"]}).to_string();
+                cases.push((
+                    path.into(),
+                    body,
+                    StatusCode::BAD_REQUEST,
+                    code::RESERVED_FIELD,
+                ));
+            }
+            for body in [
+                r#"{"name":"a","data":{"v":[18446744073709551616]}}"#,
+                r#"{"name":"a","n":-9223372036854775809}"#,
+            ] {
+                cases.push((
+                    path.into(),
+                    body.into(),
+                    StatusCode::BAD_REQUEST,
+                    code::BAD_REQUEST,
+                ));
+            }
+            let long = serde_json::json!({"name": "a", "pad": "x".repeat(70_000)}).to_string();
+            let many = serde_json::json!({"name": "a", "n": vec![7; 20_000]}).to_string();
+            for body in [long, many] {
+                cases.push((
+                    path.into(),
+                    body,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    code::BODY_TOO_LARGE,
+                ));
+            }
+            // Right at the edges, and names that only look alike: accepted.
+            for body in [
+                r#"{"name":"a","data":[18446744073709551615,-9223372036854775808],"ccx":1,"x_y":2,"big":"18446744073709551616"}"#.to_owned(),
+                serde_json::json!({"name": "a", "n": vec![7; 13_000]}).to_string(),
+                serde_json::json!({"name": "a", "data": vec![7; 100_000]}).to_string(),
+            ] {
+                cases.push((path.into(), body, StatusCode::SERVICE_UNAVAILABLE, code::BROKER_UNAVAILABLE));
+            }
+        }
+        cases.push((
+            rq.clone(),
+            r#"{"name":"a","timeout_ms":18446744073709551616}"#.into(),
+            StatusCode::BAD_REQUEST,
+            code::BAD_REQUEST,
+        ));
+        for (path, body, status, code) in cases {
+            let what = format!("{path} {}", &body[..body.len().min(80)]);
+            let (got, answer) =
+                call(app_with_limit(256 * 1024), post(&path, Some(TOKEN), &body)).await;
+            assert_eq!(got, status, "{what}: {answer}");
+            assert_eq!(answer["error"]["code"], code, "{what}: {answer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn json_content_types_are_those_axum_takes() {
+        for (content_type, status) in [
+            ("application/json", StatusCode::SERVICE_UNAVAILABLE),
+            (
+                "Application/JSON; charset=utf-8",
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                "application/cloudevents+json",
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            ("text/json", StatusCode::BAD_REQUEST),
+            ("application/xml", StatusCode::BAD_REQUEST),
+        ] {
+            let req = Request::post(format!("{DEV}/events"))
+                .header("content-type", content_type)
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::from(r#"{"name":"a"}"#))
+                .unwrap();
+            let (got, answer) = call(app(), req).await;
+            assert_eq!(got, status, "{content_type}: {answer}");
+        }
+        let req = Request::post(format!("{DEV}/events"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Body::from(r#"{"name":"a"}"#))
+            .unwrap();
+        let (got, answer) = call(app(), req).await;
+        assert_eq!(got, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["error"]["code"], code::BAD_REQUEST);
     }
 
     #[tokio::test]

@@ -396,7 +396,7 @@ pub fn copy_headers(original: Option<&FieldTable>) -> FieldTable {
     let mut t = FieldTable::default();
     if let Some(original) = original {
         for (k, v) in original.inner() {
-            if !mosaic_protocol::header::is_broker_interpreted(k.as_str()) {
+            if !mosaic_protocol::header::is_broker_reserved(k.as_str()) {
                 t.insert(k.clone(), v.clone());
             }
         }

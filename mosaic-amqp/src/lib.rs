@@ -54,8 +54,7 @@ mod link;
 pub mod metrics;
 pub mod settings;
 mod supervisor;
-mod wire;
 
-pub use link::{Link, PROPERTIES_RESERVE, Publish, PublishError, Routed, max_headers_bytes};
+pub use link::{CONTENT_HEADER_RESERVE, Link, Publish, PublishError, Routed, max_headers_bytes};
 pub use settings::{BrokerArgs, Settings};
 pub use supervisor::{Amqp, Consume, Incoming, Plan};

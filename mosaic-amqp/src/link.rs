@@ -9,13 +9,12 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
-/// Bytes of a content-header frame besides its properties: the frame envelope (7),
-/// its end octet (1), class id, weight, body size (12) and the property flags (2).
-const HEADER_FRAME_OVERHEAD: usize = 22;
-/// Room kept in a content-header frame for the properties other than `headers`
-/// (message id, correlation id, reply-to, content type, timestamps; each at most
-/// 256 bytes as a short string).
-pub const PROPERTIES_RESERVE: usize = 2048;
+/// Room kept in a content-header frame for everything but the headers table: the
+/// frame envelope (7 bytes of header and 1 end octet), class, weight, body size and
+/// property flags (14 bytes), and every other property at its largest (ten short
+/// strings of up to 256 bytes, delivery mode, priority and timestamp: 2,570 bytes):
+/// 2,592 bytes in all, rounded up.
+pub const CONTENT_HEADER_RESERVE: usize = 4096;
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -148,7 +147,7 @@ impl Link {
                 return Err(PublishError::Blocked);
             }
             if let Some(h) = m.properties.headers() {
-                let bytes = crate::wire::encoded_len(h);
+                let bytes = amqp_value_json::encoded_len(h);
                 let max = link.max_headers_bytes();
                 if bytes > max {
                     return Err(PublishError::HeadersTooLarge { bytes, max });
@@ -188,15 +187,17 @@ impl Link {
     }
 }
 
-/// The largest headers table that fits in a content-header frame of `frame_max`
-/// bytes (0 means the protocol's default of 131,072).
+/// The largest headers table (as encoded on the wire) that fits in a content-header
+/// frame of `frame_max` bytes; 0 means RabbitMQ's default of 131,072 (so 126,976).
+/// A content header past `frame_max` makes the broker close the whole connection
+/// (501 `FRAME_ERROR`).
 pub fn max_headers_bytes(frame_max: u32) -> usize {
     let frame_max = if frame_max == 0 {
         131_072
     } else {
         frame_max as usize
     };
-    frame_max.saturating_sub(HEADER_FRAME_OVERHEAD + PROPERTIES_RESERVE)
+    frame_max.saturating_sub(CONTENT_HEADER_RESERVE)
 }
 
 #[cfg(test)]
@@ -206,7 +207,7 @@ mod tests {
     #[test]
     fn the_header_budget_leaves_room_for_the_rest_of_the_frame() {
         assert_eq!(max_headers_bytes(0), max_headers_bytes(131_072));
-        assert_eq!(max_headers_bytes(131_072), 131_072 - 22 - 2048);
+        assert_eq!(max_headers_bytes(131_072), 126_976);
         assert_eq!(max_headers_bytes(1024), 0);
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Device frames ([`ClientFrame`]) are parsed by [`ClientFrame::parse`], which keeps
 //! an event's unknown top-level fields (they travel to Hive unchanged) and names what
-//! was wrong when a frame is refused. Gateway frames ([`ServerFrame`]) serialize to the
+//! was wrong when a frame is refused. Numbers are read exactly, and an integer
+//! outside `i64::MIN..=u64::MAX` anywhere in a frame refuses it ([`crate::json`]);
+//! an event's extra fields follow [`header::check_extra`]. Gateway frames ([`ServerFrame`]) serialize to the
 //! shapes of the contract; they also deserialize, for device clients and tests.
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,8 @@ pub const MAX_STATUS_CHARS: usize = 128;
 pub mod code {
     /// The frame is not a JSON object of a known type with well-typed fields.
     pub const BAD_FRAME: &str = "bad_frame";
-    /// The frame uses a top-level name the gateway injects.
+    /// The frame uses a top-level name the gateway injects, or one RabbitMQ reads
+    /// itself (`CC`, `BCC`, `x-...`, in any letter case).
     pub const RESERVED_FIELD: &str = "reserved_field";
     /// A response names no request pending for this device.
     pub const UNKNOWN_REQUEST: &str = "unknown_request";
@@ -93,8 +96,10 @@ impl FrameError {
 impl ClientFrame {
     /// Parses one text frame.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| FrameError::bad(format!("frame is not valid JSON: {e}")))?;
+        let value = crate::json::parse_exact(text).map_err(|e| match e {
+            crate::json::Error::OutOfRange(e) => FrameError::bad(e.to_string()),
+            e => FrameError::bad(format!("frame is not valid JSON: {e}")),
+        })?;
         let Value::Object(mut obj) = value else {
             return Err(FrameError::bad("frame must be a JSON object"));
         };
@@ -132,6 +137,13 @@ impl ClientFrame {
                     Some(_) => return Err(FrameError::bad("field `id` must be a string")),
                 };
                 let data = obj.remove("data").unwrap_or(Value::Null);
+                header::check_extra(&obj).map_err(|e| match e {
+                    header::ExtraError::BrokerReserved(_) => FrameError {
+                        code: code::RESERVED_FIELD,
+                        message: e.to_string(),
+                    },
+                    e => FrameError::bad(e.to_string()),
+                })?;
                 Ok(ClientFrame::Event(DeviceEvent {
                     name,
                     data,
@@ -311,6 +323,54 @@ mod tests {
         let long = "x".repeat(MAX_NAME_CHARS + 1);
         let text = json!({"type":"event","name":long}).to_string();
         assert_eq!(ClientFrame::parse(&text).unwrap_err().code, code::BAD_FRAME);
+    }
+
+    #[test]
+    fn names_rabbitmq_reads_are_refused_in_any_case() {
+        for name in [
+            "CC", "cc", "Cc", "BCC", "bcc", "bCc", "x-death", "X-Match", "x-", "X-",
+        ] {
+            let text = json!({"type":"event","name":"a","id":"1",(name):["event.x.y"]}).to_string();
+            let err = ClientFrame::parse(&text).unwrap_err();
+            assert_eq!(err.code, code::RESERVED_FIELD, "{name}");
+            assert!(err.message.contains(name), "{name}: {}", err.message);
+        }
+        for name in ["ccc", "c", "xdeath", "x_death", "bc", "cc-x", "ex-x", "é"] {
+            let text = json!({"type":"event","name":"a",(name):1}).to_string();
+            assert!(ClientFrame::parse(&text).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn extra_fields_are_capped_at_64_kib_of_json() {
+        // `"pad":"…"` is 8 bytes plus the string, `{}` 2 more.
+        let fits = "x".repeat(header::MAX_EXTRA_JSON_BYTES - 10);
+        let text =
+            json!({"type":"event","name":"a","data":"d".repeat(100_000),"pad":fits}).to_string();
+        assert!(ClientFrame::parse(&text).is_ok());
+        let over = "x".repeat(header::MAX_EXTRA_JSON_BYTES - 9);
+        let text = json!({"type":"event","name":"a","pad":over}).to_string();
+        let err = ClientFrame::parse(&text).unwrap_err();
+        assert_eq!(err.code, code::BAD_FRAME);
+        assert!(err.message.contains("65537 bytes"), "{}", err.message);
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_refused_anywhere() {
+        for text in [
+            r#"{"type":"event","name":"a","data":{"v":[18446744073709551616]}}"#,
+            r#"{"type":"event","name":"a","n":-9223372036854775809}"#,
+            r#"{"type":"response","request_id":"r","status":"ok","data":1e2,"x":100000000000000000000}"#,
+        ] {
+            let err = ClientFrame::parse(text).unwrap_err();
+            assert_eq!(err.code, code::BAD_FRAME, "{text}");
+            assert!(err.message.contains("outside the range"), "{}", err.message);
+        }
+        let text = r#"{"type":"event","name":"a","data":[18446744073709551615,-9223372036854775808],"big":"18446744073709551616"}"#;
+        let ClientFrame::Event(e) = ClientFrame::parse(text).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.data, json!([u64::MAX, i64::MIN]));
     }
 
     #[test]

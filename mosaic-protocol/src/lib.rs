@@ -3,7 +3,9 @@
 //! # Layout
 //!
 //! - [`exchange`]: the two RabbitMQ exchanges and their routing-key builders.
-//! - [`header`]: AMQP header names the services inject or read, and the reserved names.
+//! - [`header`]: AMQP header names the services inject or read, the reserved names,
+//!   and the limits on the fields a device or Hive supplies.
+//! - [`json`]: exact JSON parsing: integers outside `i64::MIN..=u64::MAX` refused.
 //! - [`frame`]: the JSON frames a device and the gateway exchange over the WebSocket,
 //!   with a parser for device frames that keeps unknown top-level fields.
 //! - [`close`]: WebSocket close codes and the reasons a session ends.
@@ -18,6 +20,7 @@ pub mod command;
 pub mod exchange;
 pub mod frame;
 pub mod header;
+pub mod json;
 
 /// Namespace for UUIDv5 message ids derived from (device, device-chosen id).
 ///

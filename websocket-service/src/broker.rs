@@ -177,6 +177,14 @@ impl Broker {
             .is_some_and(|l| l.can_publish() && *self.synced.borrow() == l.generation())
     }
 
+    /// The largest headers table a publish may carry now: the negotiated frame size
+    /// less the rest of a content-header frame (the protocol's default frame size
+    /// while disconnected).
+    pub fn max_headers_bytes(&self) -> usize {
+        self.link()
+            .map_or(mosaic_amqp::max_headers_bytes(0), |l| l.max_headers_bytes())
+    }
+
     /// Publishes `m` and waits for the broker's confirm, at most the publish timeout.
     /// The returned future owns everything it needs.
     pub fn publish(

@@ -77,10 +77,29 @@ fn persistent(message_id: Uuid) -> BasicProperties {
         .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
 }
 
+/// Why a device event cannot be published (the device gets `bad_frame`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EventError {
+    /// A field name does not fit an AMQP table (over 255 bytes), or nesting is too deep.
+    #[error(transparent)]
+    Table(#[from] amqp_value_json::Error),
+    /// The headers table would not fit one AMQP frame: the broker would close the
+    /// connection over it.
+    #[error(
+        "the event's fields take {len} bytes as AMQP headers; at most {max} fit in one message header"
+    )]
+    TableTooLarge { len: usize, max: usize },
+}
+
 /// A device event for `mosaic.events`: headers are the frame without `type` and
-/// `data` plus the injected names; the body is `data`. Fails only when a field name
-/// does not fit an AMQP table (over 255 bytes) or nesting is too deep.
-pub(crate) fn event(origin: Origin, ev: DeviceEvent) -> Result<Outgoing, amqp_value_json::Error> {
+/// `data` plus the injected names; the body is `data`. Fails when a field name does
+/// not fit an AMQP table (over 255 bytes), nesting is too deep, or the table would
+/// be larger than `max_table_bytes` on the wire.
+pub(crate) fn event(
+    origin: Origin,
+    ev: DeviceEvent,
+    max_table_bytes: usize,
+) -> Result<Outgoing, EventError> {
     let message_id = mosaic_protocol::message_id(origin.device, ev.id.as_deref());
     let routing_key = exchange::event_key(origin.device, &ev.name);
     let mut h = ev.extra;
@@ -91,13 +110,21 @@ pub(crate) fn event(origin: Origin, ev: DeviceEvent) -> Result<Outgoing, amqp_va
     h.extend(origin.headers(header::KIND_EVENT));
     h.insert(header::MESSAGE_ID.into(), message_id.to_string().into());
     h.insert(header::RECEIVED_AT.into(), now_rfc3339().into());
+    let table = amqp_value_json::to_field_table(&h)?;
+    let len = amqp_value_json::encoded_len(&table);
+    if len > max_table_bytes {
+        return Err(EventError::TableTooLarge {
+            len,
+            max: max_table_bytes,
+        });
+    }
     Ok(Outgoing {
         device: origin.device,
         exchange: exchange::EVENTS,
         routing_key,
         // A device hears `ack` only when a queue took its event.
         mandatory: true,
-        properties: persistent(message_id).with_headers(amqp_value_json::to_field_table(&h)?),
+        properties: persistent(message_id).with_headers(table),
         body: json_body(&ev.data),
     })
 }
@@ -226,7 +253,7 @@ mod tests {
             id: Some("7".into()),
             extra,
         };
-        let m = event(o, ev).unwrap();
+        let m = event(o, ev, mosaic_amqp::max_headers_bytes(0)).unwrap();
         assert_eq!(m.routing_key, format!("event.{}.temp", o.device));
         assert_eq!(m.body, br#"{"c":21.5}"#);
         let h =
@@ -240,6 +267,30 @@ mod tests {
         assert_eq!(h["message_id"], mid);
         assert_eq!(m.properties.message_id().as_ref().unwrap().as_str(), mid);
         assert_eq!(*m.properties.delivery_mode(), Some(2));
+    }
+
+    #[test]
+    fn an_event_whose_headers_would_not_fit_one_frame_is_refused() {
+        // 20,000 small numbers: 40 KB of JSON, 180 KB of AMQP.
+        let mut extra = Map::new();
+        extra.insert("n".into(), json!(vec![7; 20_000]));
+        let ev = |extra| DeviceEvent {
+            name: "big".into(),
+            data: Value::Null,
+            id: None,
+            extra,
+        };
+        let err = event(origin(), ev(extra), mosaic_amqp::max_headers_bytes(0)).unwrap_err();
+        assert!(
+            matches!(err, EventError::TableTooLarge { len, .. } if len > 180_000),
+            "{err}"
+        );
+        // The limit is the caller's: the same event fits a larger one.
+        let mut extra = Map::new();
+        extra.insert("n".into(), json!(vec![7; 20_000]));
+        let m = event(origin(), ev(extra), 1 << 20).unwrap();
+        let table = m.properties.headers().as_ref().unwrap();
+        assert!(amqp_value_json::encoded_len(table) > mosaic_amqp::max_headers_bytes(0));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The one error shape of the REST API: `{"error":{"code","message"}}`.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::{JsonRejection, MissingJsonContentType};
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
 
 /// Error codes of the REST API.
@@ -15,9 +17,11 @@ pub mod code {
     pub const BAD_REQUEST: &str = "bad_request";
     /// `{device}` is not a UUID.
     pub const BAD_DEVICE_ID: &str = "bad_device_id";
-    /// The body uses a name the gateway builds the device frame from.
+    /// The body uses a name the gateway builds the device frame from, or one
+    /// RabbitMQ reads itself (`CC`, `BCC`, `x-...`, in any letter case).
     pub const RESERVED_FIELD: &str = "reserved_field";
-    /// The body is larger than `MAX_BODY_BYTES`.
+    /// The body is larger than `MAX_BODY_BYTES`, its extra fields take more than
+    /// 64 KiB as JSON, or its headers would not fit one AMQP frame.
     pub const BODY_TOO_LARGE: &str = "body_too_large";
     /// No gateway holds the device.
     pub const DEVICE_NOT_CONNECTED: &str = "device_not_connected";
@@ -150,19 +154,52 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// `axum::Json`, with its rejections in the API's error shape.
+/// A JSON body, as `axum::Json` reads it (JSON content type, body limit), with its
+/// rejections in the API's error shape, and numbers exact: see [`parse_body`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(v))
+        if !json_content_type(req.headers()) {
+            return Err(JsonRejection::from(MissingJsonContentType::default()).into());
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(JsonRejection::from)?;
+        parse_body(&bytes).map(ApiJson)
     }
+}
+
+/// Reads a request body: JSON into `T`, and then refused when an integer literal
+/// anywhere in it lies outside `i64::MIN..=u64::MAX` (it could not reach the device
+/// unchanged). Both are 400 `bad_request`.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let axum::Json(v) = axum::Json::<T>::from_bytes(bytes)?;
+    mosaic_protocol::json::check_integers(bytes)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(v)
+}
+
+/// `application/json` or `application/<anything>+json`, parameters allowed: what
+/// `axum::Json` accepts.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.to_ascii_lowercase();
+    kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
 }

@@ -8,6 +8,7 @@
 mod api;
 mod outage;
 mod relay;
+mod wire_rules;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -4,12 +4,15 @@
 //! - `e2e`: real devices, the REST API and a recording Hive stand-in: what a device
 //!   sends reaches Hive unchanged, what Hive sends reaches the device, and requests
 //!   end honestly (answered, device gone, device offline).
+//! - `numbers`: random device frames (property test) and awkward number texts reach
+//!   Hive with every number exactly as the device sent it.
 //! - `examples`: the example device clients (`examples/python`, `examples/node`) and
 //!   the simulator against the sample Hive of `mosaic-tools`.
 
 mod docs;
 mod e2e;
 mod examples;
+mod numbers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

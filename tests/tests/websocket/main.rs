@@ -9,6 +9,7 @@ mod events;
 mod hardening;
 mod limits;
 mod resilience;
+mod wire_rules;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -17,7 +17,8 @@ use crate::metrics;
 /// through the session's in-flight queue. Why not, when it cannot be sent.
 fn publish_event(gw: &Gateway, st: &mut State, ev: DeviceEvent) -> Result<(), String> {
     let id = ev.id.clone();
-    let m = message::event(st.origin, ev).map_err(|e| e.to_string())?;
+    let m =
+        message::event(st.origin, ev, gw.broker.max_headers_bytes()).map_err(|e| e.to_string())?;
     let publish = gw.broker.publish(m);
     st.inflight.push_back(Box::pin(async move {
         let r = publish.await;
