@@ -7,7 +7,7 @@
 //! The supervisor owns everything about the connection: connecting (to one node or
 //! to the next of several), backoff with jitter, re-declaring the topology,
 //! RabbitMQ's blocked-publisher alarm, close timeouts, and its metrics. It hands
-//! out whole links only: an [`Arc<Link>`] works, or is withdrawn and replaced.
+//! out whole links only: an `Arc<Link>` works, or is withdrawn and replaced.
 //!
 //! # Layout
 //!
