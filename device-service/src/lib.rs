@@ -10,8 +10,11 @@
 //!   retry queue, dead-letter, ack after the outcome.
 //! - [`hive`]: the POST body rebuilt from headers and body, its signature, and the
 //!   sorting of Hive's answers into delivered / retry / rejected.
+//! - [`commands`]: events and requests to devices on `mosaic.commands`, and their
+//!   answers, in plain Rust types.
 //! - [`pending`]: requests waiting for a device's answer, and the reply-queue consumer.
-//! - [`api`]: the REST API (bearer auth, events, requests, broadcast, OpenAPI).
+//! - [`api`]: the REST API, HTTP only (bearer auth, one module per resource, the
+//!   error shape, OpenAPI); it calls the domain modules above.
 //! - [`metrics`]: every metric name.
 //!
 //! [`run`] ties them together: it serves HTTP on the given listener while
@@ -38,6 +41,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod commands;
 pub mod config;
 pub mod hive;
 pub mod metrics;
@@ -157,10 +161,12 @@ pub async fn run(
     });
 
     let state = api::ApiState {
-        link: amqp.watch(),
-        pending: pending.clone(),
-        publish_timeout: config.publish_timeout(),
-        reply_queue,
+        commands: Arc::new(commands::Commands {
+            link: amqp.watch(),
+            pending: pending.clone(),
+            publish_timeout: config.publish_timeout(),
+            reply_queue,
+        }),
     };
     let health = mosaic_runtime::health::router(readiness);
     let app = api::router(state, tokens, config.max_body_bytes as usize, health);

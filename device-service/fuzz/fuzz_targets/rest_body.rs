@@ -5,7 +5,8 @@
 #![no_main]
 
 use amqp_value_json::{encoded_len, from_field_table};
-use device_service::api::{EventBody, RequestBody, command_headers, parse_body};
+use device_service::api::{EventBody, RequestBody, parse_body};
+use device_service::commands::{CommandError, headers};
 use libfuzzer_sys::fuzz_target;
 use mosaic_protocol::command::Kind;
 use mosaic_protocol::header;
@@ -33,9 +34,9 @@ fn same(a: &Value, b: &Value) -> bool {
 
 fn check(kind: Kind, name: &str, extra: &Map<String, Value>, deadline: Option<&str>) {
     let id = uuid::Uuid::nil();
-    match command_headers(kind, id, name, extra, deadline) {
+    match headers(kind, id, name, extra, deadline) {
         Ok(table) => {
-            assert!(encoded_len(&table) <= header::MAX_HEADER_TABLE_BYTES);
+            assert!(encoded_len(&table) <= mosaic_amqp::max_headers_bytes(0));
             let back = from_field_table(&table).expect("a table made from JSON maps back");
             for (k, v) in extra {
                 assert!(same(&back[k], v), "{k}: {v} came back as {}", back[k]);
@@ -48,12 +49,14 @@ fn check(kind: Kind, name: &str, extra: &Map<String, Value>, deadline: Option<&s
         }
         Err(e) => assert!(
             matches!(
-                (e.status.as_u16(), e.code),
-                (400, "bad_request" | "reserved_field") | (413, "body_too_large")
+                e,
+                CommandError::BadName
+                    | CommandError::Reserved(_)
+                    | CommandError::Extra(_)
+                    | CommandError::Unmappable(_)
+                    | CommandError::TableTooLarge { .. }
             ),
-            "{} {}",
-            e.status,
-            e.code
+            "{e}"
         ),
     }
 }
