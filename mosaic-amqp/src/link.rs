@@ -122,6 +122,14 @@ impl Link {
         &self.publishers[i % self.publishers.len()]
     }
 
+    /// Opens a channel outside the link's monitored set: when the broker closes it (a
+    /// refused exclusive declare, say: 405 `RESOURCE_LOCKED`), only that channel
+    /// ends, and the link stays whole. The caller owns it, and it goes with the
+    /// connection.
+    pub async fn open_channel(&self) -> Result<Channel, lapin::Error> {
+        self.conn.create_channel().await
+    }
+
     /// How many publish channels the link has.
     pub fn channels(&self) -> usize {
         self.publishers.len()

@@ -20,6 +20,8 @@ pub const FORBIDDEN: u16 = 4403;
 pub const AUTH_TIMEOUT: u16 = 4408;
 /// A newer session of the same device replaced this one.
 pub const REPLACED: u16 = 4409;
+/// Hive ended the session (`DELETE /v1/devices/{device}/session`).
+pub const KICKED: u16 = 4410;
 /// The device did not read what was sent to it fast enough (outbound queue full).
 pub const SLOW_CONSUMER: u16 = 4429;
 
@@ -45,6 +47,11 @@ pub enum DisconnectReason {
     /// The gateway could not set the session up with RabbitMQ (closed with 1013
     /// before `welcome`).
     BrokerUnavailable,
+    /// Hive ended the session (close 4410).
+    Kicked,
+    /// The gateway replica holding the session vanished without closing it (a crash,
+    /// a network partition): device-service announces this on the gateway's behalf.
+    GatewayLost,
     /// Anything else: an I/O error on the socket.
     Error,
 }
@@ -62,6 +69,8 @@ impl DisconnectReason {
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::PolicyViolation => "policy_violation",
             DisconnectReason::BrokerUnavailable => "broker_unavailable",
+            DisconnectReason::Kicked => "kicked",
+            DisconnectReason::GatewayLost => "gateway_lost",
             DisconnectReason::Error => "error",
         }
     }

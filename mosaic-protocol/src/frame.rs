@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::fleet::Capabilities;
 use crate::header;
 
 /// Longest event or request name, in characters.
@@ -43,11 +44,17 @@ pub mod code {
 /// A frame a device sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
-    /// `{"type":"auth","token":"<jwt>"}`: first authentication or refresh.
+    /// `{"type":"auth","token":"<jwt>","services"?:[..],"attributes"?:{..}}`: first
+    /// authentication or refresh, optionally declaring capabilities.
     Auth {
         /// The JWT. Never log it.
         token: String,
+        /// `services` and `attributes`, when the frame carries them.
+        capabilities: Capabilities,
     },
+    /// `{"type":"register","services"?:[..],"attributes"?:{..}}`: declares (again)
+    /// what the device offers; at least one of the two fields.
+    Register(Capabilities),
     /// `{"type":"event","name":..,"data":..,"id":..,...extra}`.
     Event(DeviceEvent),
     /// `{"type":"response","request_id":..,"status":..,"data":..}`.
@@ -109,9 +116,23 @@ impl ClientFrame {
             None => return Err(FrameError::bad("missing field `type`")),
         };
         match kind.as_str() {
-            "auth" => Ok(ClientFrame::Auth {
-                token: take_string(&mut obj, "token")?,
-            }),
+            "auth" => {
+                let token = take_string(&mut obj, "token")?;
+                let capabilities = Capabilities::take(&mut obj).map_err(FrameError::bad)?;
+                Ok(ClientFrame::Auth {
+                    token,
+                    capabilities,
+                })
+            }
+            "register" => {
+                let capabilities = Capabilities::take(&mut obj).map_err(FrameError::bad)?;
+                if capabilities.is_empty() {
+                    return Err(FrameError::bad(
+                        "a register frame needs `services` or `attributes`",
+                    ));
+                }
+                Ok(ClientFrame::Register(capabilities))
+            }
             "event" => {
                 if let Some(reserved) = obj.keys().find(|k| header::is_reserved(k)) {
                     return Err(FrameError {
@@ -239,6 +260,12 @@ pub enum ServerFrame {
         #[serde(flatten)]
         extra: Map<String, Value>,
     },
+    /// A `register` frame (or capabilities in `auth`) was taken.
+    Registered {
+        /// The services the device declared now; `null` when it declared none (every
+        /// request reaches it).
+        services: Option<Vec<String>>,
+    },
     /// A request from Hive that the device must answer with a `response`.
     Request {
         /// The request id; echo it as `request_id`.
@@ -315,6 +342,17 @@ mod tests {
                 "`request_id`",
             ),
             (r#"{"type":"auth"}"#, code::BAD_FRAME, "`token`"),
+            (
+                r#"{"type":"auth","token":"t","services":"a"}"#,
+                code::BAD_FRAME,
+                "`services`",
+            ),
+            (r#"{"type":"register"}"#, code::BAD_FRAME, "`services`"),
+            (
+                r#"{"type":"register","attributes":[1]}"#,
+                code::BAD_FRAME,
+                "`attributes`",
+            ),
         ] {
             let err = ClientFrame::parse(text).unwrap_err();
             assert_eq!(err.code, code, "{text}");
@@ -323,6 +361,36 @@ mod tests {
         let long = "x".repeat(MAX_NAME_CHARS + 1);
         let text = json!({"type":"event","name":long}).to_string();
         assert_eq!(ClientFrame::parse(&text).unwrap_err().code, code::BAD_FRAME);
+    }
+
+    #[test]
+    fn capabilities_ride_in_auth_and_register() {
+        let f = ClientFrame::parse(r#"{"type":"auth","token":"t","services":["b","a"]}"#).unwrap();
+        let ClientFrame::Auth {
+            token,
+            capabilities,
+        } = f
+        else {
+            panic!()
+        };
+        assert_eq!(token, "t");
+        assert_eq!(capabilities.services, Some(vec!["a".into(), "b".into()]));
+        let f = ClientFrame::parse(r#"{"type":"register","attributes":{"fw":"2"}}"#).unwrap();
+        let ClientFrame::Register(c) = f else {
+            panic!()
+        };
+        assert_eq!(c.services, None);
+        assert_eq!(c.attributes.unwrap()["fw"], "2");
+        let attrs = format!(r#"{{"a":"{}"}}"#, "x".repeat(9000));
+        let text = format!(r#"{{"type":"register","attributes":{attrs}}}"#);
+        assert_eq!(ClientFrame::parse(&text).unwrap_err().code, code::BAD_FRAME);
+        assert_eq!(
+            serde_json::to_value(ServerFrame::Registered {
+                services: Some(vec!["a".into()])
+            })
+            .unwrap(),
+            json!({"type":"registered","services":["a"]})
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! `kid`). The token's `alg` must belong to the chosen key's family, so `alg: none`
 //! and algorithm/key-type confusion are refused. `exp` and `sub` (a UUID) are always
 //! required; `aud` and `iss` are required and checked when configured; `nbf` is
-//! honoured; the leeway is `JWT_LEEWAY_SECS`.
+//! honoured; the leeway is `JWT_LEEWAY_SECS`. An optional `groups` claim names the
+//! device's groups (`mosaic_protocol::fleet::parse_groups`): anything but an array of
+//! valid names, `null` or nothing refuses the token as bad claims.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -83,12 +85,14 @@ impl AuthError {
 }
 
 /// A verified token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The device (`sub`).
     pub device: Uuid,
     /// `exp`, seconds since the Unix epoch.
     pub exp: u64,
+    /// The `groups` claim: sorted, each once; empty when absent or `null`.
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +141,7 @@ impl std::fmt::Debug for Verifier {
 struct Claims {
     sub: String,
     exp: u64,
+    groups: Option<serde_json::Value>,
 }
 
 impl Verifier {
@@ -257,9 +262,12 @@ impl Verifier {
             _ => AuthError::Claims,
         })?;
         let device = Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError::Claims)?;
+        let groups = mosaic_protocol::fleet::parse_groups(data.claims.groups.as_ref())
+            .map_err(|_| AuthError::Claims)?;
         Ok(Identity {
             device,
             exp: data.claims.exp,
+            groups,
         })
     }
 }
@@ -303,6 +311,33 @@ mod tests {
             .verify(&hs(json!({"sub": d, "exp": now() + 60})))
             .unwrap();
         assert_eq!(id.device, d);
+    }
+
+    #[test]
+    fn the_groups_claim_is_an_array_of_names_or_nothing() {
+        let d = Uuid::new_v4();
+        let v = verifier(None, None);
+        let exp = now() + 60;
+        for (groups, want) in [
+            (json!(null), Some(vec![])),
+            (
+                json!(["b", "a"]),
+                Some(vec!["a".to_owned(), "b".to_owned()]),
+            ),
+            (json!([]), Some(vec![])),
+            (json!("a"), None),
+            (json!(["a.b"]), None),
+            (json!([1]), None),
+            (json!({"a": 1}), None),
+        ] {
+            let got = v.verify(&hs(json!({"sub": d, "exp": exp, "groups": groups})));
+            match want {
+                Some(g) => assert_eq!(got.unwrap().groups, g, "{groups}"),
+                None => assert_eq!(got.unwrap_err(), AuthError::Claims, "{groups}"),
+            }
+        }
+        let id = v.verify(&hs(json!({"sub": d, "exp": exp}))).unwrap();
+        assert!(id.groups.is_empty());
     }
 
     #[test]

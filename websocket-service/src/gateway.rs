@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::registry::Registry;
 
 /// Per-session limits, from the configuration.
@@ -55,6 +56,8 @@ pub(crate) struct Gateway {
     pub registry: Arc<Registry>,
     pub broker: Arc<Broker>,
     pub readiness: Readiness,
+    /// The replica's announcements on `mosaic.fleet`.
+    pub fleet: Fleet,
     /// Cancelled when shutdown begins: sessions close with 1001.
     pub shutdown: CancellationToken,
     /// Every session task and every reply publish, awaited at shutdown.
@@ -73,6 +76,7 @@ impl Gateway {
             verifier: Verifier::from_config(config)?,
             registry: Arc::default(),
             readiness: Readiness::new(),
+            fleet: Fleet::new(Duration::from_millis(config.fleet_announce_ms)),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })

@@ -15,6 +15,9 @@
 //! - `broker`: the RabbitMQ connection, its supervisor, publishing with confirms and
 //!   the per-device bindings.
 //! - `command`: commands from this replica's queue, delivered to sessions.
+//! - `fleet`: groups, capabilities, the replica's announcements on `mosaic.fleet`,
+//!   and its answers to device-service's fleet commands (presence, kick, listing,
+//!   scatter-gather requests).
 //! - `message`: the AMQP messages the gateway publishes.
 //! - [`metrics`]: every metric name of the service.
 //!
@@ -32,6 +35,7 @@ pub mod auth;
 mod broker;
 mod command;
 pub mod config;
+mod fleet;
 mod gateway;
 mod message;
 pub mod metrics;

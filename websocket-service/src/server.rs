@@ -3,8 +3,8 @@
 //!
 //! Shutdown: the `shutdown` future resolves -> stop accepting -> `/readyz` false ->
 //! every session closes with 1001 and publishes its `disconnected` message -> wait
-//! for the tracked session tasks within `SHUTDOWN_GRACE_MS` -> close the broker
-//! connection -> return. Upgraded sockets escape the HTTP server's graceful shutdown,
+//! for the tracked session tasks within `SHUTDOWN_GRACE_MS` -> announce
+//! `gateway.<id>.down` on `mosaic.fleet` -> close the broker connection -> return. Upgraded sockets escape the HTTP server's graceful shutdown,
 //! so each session holds a task-tracker token.
 //!
 //! Bounds: the HTTP server drops a client that does not send its request headers
@@ -75,6 +75,7 @@ pub async fn run(
     let commands = gw.broker.start(settings, gw.registry.clone());
     tokio::spawn(command::run(gw.clone(), commands));
     tokio::spawn(gw.clone().follow_broker());
+    tokio::spawn(crate::fleet::announce(gw.clone()));
 
     let token = gw.shutdown.clone();
     tokio::spawn({
@@ -114,6 +115,7 @@ pub async fn run(
             "shutdown grace period over with sessions still open"
         );
     }
+    crate::fleet::announce_down(&gw).await;
     gw.broker.shutdown().await;
     let result = match early {
         Some(r) => r,

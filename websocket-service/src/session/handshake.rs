@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::extract::ws::Message;
 use futures_util::{Sink, Stream, StreamExt};
 use mosaic_protocol::close;
+use mosaic_protocol::fleet::Capabilities;
 use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
 use tokio::time::{Instant, sleep_until};
 
@@ -14,8 +15,12 @@ use crate::gateway::Gateway;
 use crate::metrics;
 
 /// Sends `hello` and waits for a valid `auth` frame; `None` when the connection ends
-/// (closed with 4408, 4401, 1008 or 1009 as the case may be).
-pub(super) async fn authenticate<S, E>(gw: &Gateway, socket: &mut S) -> Option<Identity>
+/// (closed with 4408, 4401, 1008 or 1009 as the case may be). The capabilities the
+/// frame declared come back with the identity.
+pub(super) async fn authenticate<S, E>(
+    gw: &Gateway,
+    socket: &mut S,
+) -> Option<(Identity, Capabilities)>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
     E: std::fmt::Display,
@@ -58,11 +63,24 @@ where
             }
             Some(Ok(_)) => continue,
         };
+        // Capabilities that cannot travel to Hive refuse the frame: nothing registered.
+        let parsed = parsed.and_then(|f| match &f {
+            ClientFrame::Auth { capabilities, .. } => crate::fleet::check(capabilities)
+                .map(|()| f)
+                .map_err(|message| mosaic_protocol::frame::FrameError {
+                    code: code::BAD_FRAME,
+                    message,
+                }),
+            _ => Ok(f),
+        });
         match parsed {
-            Ok(ClientFrame::Auth { token }) => {
+            Ok(ClientFrame::Auth {
+                token,
+                capabilities,
+            }) => {
                 metrics::frame_in("auth");
                 return match gw.verifier.verify(&token) {
-                    Ok(i) => Some(i),
+                    Ok(i) => Some((i, capabilities)),
                     Err(e) => {
                         refuse(socket, e, limits.pong_timeout).await;
                         None

@@ -1,4 +1,5 @@
-//! Frames from an authenticated device: events, responses, refreshes, bad frames.
+//! Frames from an authenticated device: events, responses, refreshes, `register`,
+//! bad frames.
 
 use std::sync::Arc;
 
@@ -127,7 +128,24 @@ where
                 "no pending request with this id for this device",
             )
         }
-        Ok(ClientFrame::Auth { token }) => {
+        Ok(ClientFrame::Register(capabilities)) => {
+            metrics::frame_in("register");
+            match crate::fleet::register(gw, st.origin, &st.info, capabilities).await {
+                Ok(f) => {
+                    st.bad_frames = 0;
+                    return if send(socket, &f, "registered", limits.pong_timeout).await {
+                        None
+                    } else {
+                        Some(End::new(DisconnectReason::Error))
+                    };
+                }
+                Err(e) => ServerFrame::error(e.code, e.message),
+            }
+        }
+        Ok(ClientFrame::Auth {
+            token,
+            capabilities,
+        }) => {
             metrics::frame_in("auth");
             return match gw.verifier.verify(&token) {
                 Ok(i) if i.device == st.origin.device => {
@@ -138,7 +156,18 @@ where
                         session: st.origin.session,
                         expires_at: expires_at(i.exp),
                     };
-                    if send(socket, &f, "welcome", limits.pong_timeout).await {
+                    if !send(socket, &f, "welcome", limits.pong_timeout).await {
+                        return Some(End::new(DisconnectReason::Error));
+                    }
+                    if capabilities.is_empty() {
+                        return None;
+                    }
+                    let f =
+                        match crate::fleet::register(gw, st.origin, &st.info, capabilities).await {
+                            Ok(f) => f,
+                            Err(e) => ServerFrame::error(e.code, e.message),
+                        };
+                    if send(socket, &f, "registered", limits.pong_timeout).await {
                         None
                     } else {
                         Some(End::new(DisconnectReason::Error))
