@@ -3,11 +3,16 @@
 //! errors to HTTP; no AMQP or SQL here.
 //!
 //! - `commands`: events and requests to one device, and broadcasts.
+//! - `fleet`: presence, the connected-device listing, kick, group events and
+//!   scatter-gather requests.
+//! - `docs`: the OpenAPI entries of the routes served without auth.
 //! - `auth`: the bearer tokens; `error`: the one error shape and the JSON extractor.
 
 mod auth;
 mod commands;
+mod docs;
 mod error;
+mod fleet;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +32,10 @@ use uuid::Uuid;
 pub use auth::Tokens;
 pub use commands::{Accepted, Answer, EventBody, RequestBody};
 pub use error::{ApiError, ApiJson, ErrorBody, code, parse_body};
+pub use fleet::{
+    AnswerLine, DeviceEntry, DeviceList, FanoutAnswer, FanoutBody, GroupAccepted, ListParams,
+    NDJSON, PresenceBody, Summary, SummaryLine, list_connected, wants_connected,
+};
 
 use crate::commands::Commands;
 use crate::metrics;
@@ -36,14 +45,17 @@ use crate::metrics;
 pub struct ApiState {
     /// Events and requests to devices.
     pub commands: Arc<Commands>,
+    /// Presence, listing, kick, groups and scatter-gather requests.
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Mosaic device-service",
-        description = "Events and confirmed requests from Hive to devices."
+        description = "Events and confirmed requests from Hive to devices; the fleet: presence, listing, kick, groups and scatter-gather requests."
     ),
+    paths(docs::healthz, docs::readyz, docs::metrics, docs::openapi),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -67,12 +79,18 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
         .routes(routes!(commands::send_event))
         .routes(routes!(commands::send_request))
         .routes(routes!(commands::broadcast_event))
+        .routes(routes!(fleet::presence))
+        .routes(routes!(fleet::kick))
+        .routes(routes!(fleet::list_devices))
+        .routes(routes!(fleet::group_event))
+        .routes(routes!(fleet::group_request))
+        .routes(routes!(fleet::broadcast_request))
         .with_state(state)
         .split_for_parts();
     let mut openapi = openapi;
     // The bodies take any extra top-level field (`#[serde(flatten)]`).
     if let Some(components) = openapi.components.as_mut() {
-        for name in ["EventBody", "RequestBody"] {
+        for name in ["EventBody", "RequestBody", "FanoutBody"] {
             if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(name) {
                 o.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(true)));
             }
@@ -161,13 +179,27 @@ mod tests {
 
     fn app_with_limit(max_body_bytes: usize) -> Router {
         let (_tx, rx) = watch::channel(None);
+        let pending = Pending::new(10);
+        let fleet = crate::fleet::Fleet::new(
+            rx.clone(),
+            pending.clone(),
+            crate::fleet::Settings {
+                reply_queue: "replies".into(),
+                publish_timeout: Duration::from_secs(1),
+                ask_timeout: Duration::from_millis(50),
+                lost_after: Duration::from_secs(1),
+                max_fanouts: 1,
+                max_answer_bytes: 1024,
+            },
+        );
         let state = ApiState {
             commands: Arc::new(Commands {
                 link: rx,
-                pending: Pending::new(10),
+                pending,
                 publish_timeout: Duration::from_secs(1),
                 reply_queue: "replies".into(),
             }),
+            fleet,
         };
         router(state, Tokens::new([TOKEN]), max_body_bytes, Router::new())
     }

@@ -21,6 +21,9 @@
 //!   expires after its delay and RabbitMQ dead-letters it back to the relay queue.
 //! - `mosaic.device-service.replies.<replica>` (exclusive, auto-delete): answers to
 //!   this replica's requests.
+//! - `mosaic.device-service.fleet.<replica>` (exclusive, auto-delete, no-ack, its own
+//!   consumer): gateway announcements from `mosaic.fleet` and lifecycle messages, for
+//!   the fleet's view (`crate::fleet`), which declares it.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -46,6 +49,8 @@ pub const DELIVERY_LIMIT: i64 = 50;
 pub const RELAY_CONSUMER: usize = 0;
 /// Index of the reply consumer in [`plan`].
 pub const REPLY_CONSUMER: usize = 1;
+/// Index of the fleet consumer in [`plan`].
+pub const FLEET_CONSUMER: usize = 2;
 
 /// This replica's reply queue.
 pub fn reply_queue(replica: &str) -> ShortString {
@@ -75,6 +80,14 @@ pub fn plan(replica: &str, prefetch: u16) -> Plan {
                 exclusive: true,
                 buffer: 1024,
             },
+            Consume {
+                queue: crate::fleet::fleet_queue(replica),
+                tag: ShortString::from(format!("fleet-{replica}")),
+                prefetch: 0,
+                no_ack: true,
+                exclusive: true,
+                buffer: 4096,
+            },
         ],
     }
 }
@@ -82,7 +95,11 @@ pub fn plan(replica: &str, prefetch: u16) -> Plan {
 /// Declares both exchanges (as websocket-service does: topic, durable, no
 /// arguments), the relay, dead-letter and retry queues with the relay queue's two
 /// bindings, and the replica's reply queue.
-pub async fn declare(ch: Channel, reply_queue: ShortString) -> Result<(), lapin::Error> {
+pub async fn declare(
+    ch: Channel,
+    reply_queue: ShortString,
+    fleet_queue: ShortString,
+) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -126,6 +143,7 @@ pub async fn declare(ch: Channel, reply_queue: ShortString) -> Result<(), lapin:
         FieldTable::default(),
     )
     .await?;
+    crate::fleet::declare(&ch, fleet_queue).await?;
     Ok(())
 }
 

@@ -126,6 +126,33 @@ pub struct Config {
     #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 4_096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_http_connections: u64,
+
+    /// How long presence, kick and listing calls wait for the gateways, in
+    /// milliseconds (504 `gateway_timeout` for presence and kick; a listing answers
+    /// `partial` with what it has).
+    #[arg(long, env = "FLEET_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
+    pub fleet_timeout_ms: u64,
+
+    /// A gateway replica silent this long (and at least three of its announcement
+    /// intervals) is lost: its sessions get `disconnected` with reason
+    /// `gateway_lost`, in milliseconds.
+    #[arg(long, env = "FLEET_LOST_AFTER_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(300..=MAX_TIMEOUT_MS))]
+    pub fleet_lost_after_ms: u64,
+
+    /// Group and broadcast requests (scatter-gather) running at once in this
+    /// replica; more get 503 `overloaded` with `Retry-After`.
+    #[arg(long, env = "MAX_FANOUTS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_fanouts: u32,
+
+    /// Bytes of device answers this replica's scatter-gather requests hold in memory
+    /// at once; past it an answer keeps its status and loses its data
+    /// (`"truncated": true`).
+    #[arg(long, env = "MAX_FANOUT_ANSWER_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024 * 1024))]
+    pub max_fanout_answer_bytes: u64,
 }
 
 impl fmt::Debug for Config {
@@ -158,6 +185,10 @@ impl fmt::Debug for Config {
             .field("hive_hold_max_ms", &self.hive_hold_max_ms)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("max_http_connections", &self.max_http_connections)
+            .field("fleet_timeout_ms", &self.fleet_timeout_ms)
+            .field("fleet_lost_after_ms", &self.fleet_lost_after_ms)
+            .field("max_fanouts", &self.max_fanouts)
+            .field("max_fanout_answer_bytes", &self.max_fanout_answer_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -242,6 +273,18 @@ impl Config {
         mosaic_runtime::serve::Limits {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: usize::try_from(self.max_http_connections).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The fleet's settings, with this replica's reply queue.
+    pub fn fleet_settings(&self, reply_queue: lapin::types::ShortString) -> crate::fleet::Settings {
+        crate::fleet::Settings {
+            reply_queue,
+            publish_timeout: self.publish_timeout(),
+            ask_timeout: Duration::from_millis(self.fleet_timeout_ms),
+            lost_after: Duration::from_millis(self.fleet_lost_after_ms),
+            max_fanouts: self.max_fanouts as usize,
+            max_answer_bytes: usize::try_from(self.max_fanout_answer_bytes).unwrap_or(usize::MAX),
         }
     }
 
@@ -356,6 +399,10 @@ mod tests {
             ("HEADER_READ_TIMEOUT_MS", "120001"),
             ("MAX_HTTP_CONNECTIONS", "0"),
             ("MAX_HTTP_CONNECTIONS", "1000001"),
+            ("FLEET_TIMEOUT_MS", "0"),
+            ("FLEET_LOST_AFTER_MS", "299"),
+            ("MAX_FANOUTS", "0"),
+            ("MAX_FANOUT_ANSWER_BYTES", "1023"),
         ] {
             let e = config(&[(var, value)]).unwrap_err();
             assert_eq!(e.setting, var, "{var}={value}: {e}");

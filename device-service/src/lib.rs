@@ -13,6 +13,9 @@
 //! - [`commands`]: events and requests to devices on `mosaic.commands`, and their
 //!   answers, in plain Rust types.
 //! - [`pending`]: requests waiting for a device's answer, and the reply-queue consumer.
+//! - [`fleet`]: presence, listing, kick, groups and scatter-gather requests across
+//!   every gateway replica; the view of the live gateways from their announcements,
+//!   and the `gateway_lost` disconnects of a vanished one.
 //! - [`api`]: the REST API, HTTP only (bearer auth, one module per resource, the
 //!   error shape, OpenAPI); it calls the domain modules above.
 //! - [`metrics`]: every metric name.
@@ -43,6 +46,7 @@ pub mod api;
 pub mod broker;
 pub mod commands;
 pub mod config;
+pub mod fleet;
 pub mod hive;
 pub mod metrics;
 pub mod pending;
@@ -132,15 +136,17 @@ pub async fn run(
     );
 
     let reply_queue = broker::reply_queue(&replica);
+    let fleet_queue = fleet::fleet_queue(&replica);
     let (amqp, mut consumers) = Amqp::start(
         config.broker.settings("device-service", replica.clone()),
         broker::plan(&replica, config.hive_concurrency),
         {
             let reply_queue = reply_queue.clone();
-            move |ch| broker::declare(ch, reply_queue.clone())
+            move |ch| broker::declare(ch, reply_queue.clone(), fleet_queue.clone())
         },
     );
     let amqp = Arc::new(amqp);
+    let fleet_deliveries = consumers.remove(broker::FLEET_CONSUMER);
     let replies = consumers.remove(broker::REPLY_CONSUMER);
     let deliveries = consumers.remove(broker::RELAY_CONSUMER);
     let consuming = tokio::spawn(relay.clone().consume(deliveries));
@@ -160,6 +166,13 @@ pub async fn run(
         }
     });
 
+    let fleet = fleet::Fleet::new(
+        amqp.watch(),
+        pending.clone(),
+        config.fleet_settings(reply_queue.clone()),
+    );
+    tokio::spawn(fleet.clone().consume(fleet_deliveries));
+    tokio::spawn(fleet.clone().run(cancel.clone()));
     let state = api::ApiState {
         commands: Arc::new(commands::Commands {
             link: amqp.watch(),
@@ -167,6 +180,7 @@ pub async fn run(
             publish_timeout: config.publish_timeout(),
             reply_queue,
         }),
+        fleet,
     };
     let health = mosaic_runtime::health::router(readiness);
     let app = api::router(state, tokens, config.max_body_bytes as usize, health);

@@ -36,6 +36,12 @@ pub mod code {
     /// The device is connected but cannot take more now (its pending requests or its
     /// outbound queue are full); try again after `Retry-After`.
     pub const DEVICE_BUSY: &str = "device_busy";
+    /// The device declared its services, and the request's `name` is not one of them.
+    pub const SERVICE_NOT_SUPPORTED: &str = "service_not_supported";
+    /// A group name is not 1 to 64 characters of `A-Za-z0-9_-`.
+    pub const BAD_GROUP: &str = "bad_group";
+    /// No gateway answered a fleet question in time.
+    pub const GATEWAY_TIMEOUT: &str = "gateway_timeout";
     /// No such route.
     pub const NOT_FOUND: &str = "not_found";
     /// The route exists, not with this method.
