@@ -385,6 +385,15 @@ async fn forward(
     }
 }
 
+/// Whether `e` is a soft (channel-level) AMQP error: the broker closed one channel,
+/// not the connection.
+fn is_channel_error(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(a) if matches!(a.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+    )
+}
+
 /// Watches a link until it fails (`Some(reason)`) or the supervisor stops (`None`).
 async fn hold(
     s: &Shared,
@@ -399,6 +408,12 @@ async fn hold(
             _ = s.stop.cancelled() => return None,
             _ = failed.cancelled() => return Some("a consumer ended".into()),
             ev = events.next() => match ev {
+                // A channel-level error on a channel outside the link's set (opened
+                // with `Link::open_channel`) closes only that channel; one of the
+                // set fails the link (its channel is closed by now).
+                Some(Event::Error(e)) if is_channel_error(&e) && link.is_open() => {
+                    debug!(error = %e, "a channel outside the link's set was closed");
+                }
                 Some(Event::Error(e)) => return Some(e.to_string()),
                 Some(Event::ConnectionBlocked(reason)) => {
                     warn!(reason, "RabbitMQ blocks publishers");

@@ -121,6 +121,9 @@ pub struct DeviceConfig {
     pub events: EventPlan,
     /// How to answer requests.
     pub answer: Answer,
+    /// The services and attributes it declares: in its `auth` frame when it
+    /// authenticates in band, else in a `register` frame after `welcome`.
+    pub capabilities: mosaic_protocol::fleet::Capabilities,
     /// First reconnect delay.
     pub backoff_base: Duration,
     /// Longest reconnect delay.
@@ -268,6 +271,16 @@ pub async fn run(
     }
 }
 
+/// Adds the declared `services` and `attributes` to a frame.
+fn declare(c: &mosaic_protocol::fleet::Capabilities, frame: &mut Value) {
+    if let Some(s) = &c.services {
+        frame["services"] = json!(s);
+    }
+    if let Some(a) = &c.attributes {
+        frame["attributes"] = Value::Object(a.clone());
+    }
+}
+
 /// Upgrades, authenticates and waits for `welcome`.
 async fn connect(
     cfg: &DeviceConfig,
@@ -305,7 +318,9 @@ async fn connect(
                             "hello (auth within {auth_timeout_ms} ms): sending auth frame"
                         ),
                     );
-                    let auth = json!({"type": "auth", "token": token}).to_string();
+                    let mut auth = json!({"type": "auth", "token": token});
+                    declare(&cfg.capabilities, &mut auth);
+                    let auth = auth.to_string();
                     ws.send(Message::text(auth))
                         .await
                         .map_err(|e| SessionEnd::Io(e.to_string()))?;
@@ -316,6 +331,15 @@ async fn connect(
                     expires_at,
                 } => {
                     let text = format!("device={device} session={session} expires_at={expires_at}");
+                    if !cfg.in_band && !cfg.capabilities.is_empty() {
+                        let mut register = json!({"type": "register"});
+                        declare(&cfg.capabilities, &mut register);
+                        let register = register.to_string();
+                        say(cfg, format_args!("-> {register}"));
+                        ws.send(Message::text(register))
+                            .await
+                            .map_err(|e| SessionEnd::Io(e.to_string()))?;
+                    }
                     return Ok((ws, text));
                 }
                 ServerFrame::Error { code, message } => {
@@ -541,6 +565,10 @@ async fn on_frame(
             );
         }
         ServerFrame::Hello { .. } => say(cfg, format_args!("<- hello (unexpected)")),
+        ServerFrame::Registered { services } => match services {
+            Some(s) => say(cfg, format_args!("<- registered: services {s:?}")),
+            None => say(cfg, format_args!("<- registered (no services declared)")),
+        },
     }
     Ok(())
 }

@@ -98,6 +98,15 @@ struct Args {
     /// a 504 device_timeout).
     #[arg(long, default_value = "echo")]
     answer: Answer,
+    /// A service the device offers (a request name it answers); repeat for several.
+    /// Declared in the `auth` frame with --in-band, else in a `register` frame after
+    /// `welcome`; the gateway then refuses other requests (404
+    /// `service_not_supported`). Without it the device takes every request.
+    #[arg(long = "service", value_name = "NAME")]
+    services: Vec<String>,
+    /// Attributes to declare, a JSON object (at most 8 KiB), e.g. '{"fw":"1.2"}'.
+    #[arg(long, value_parser = parse_attributes)]
+    attributes: Option<serde_json::Map<String, Value>>,
     /// How many devices to simulate, each with its own UUID and token (needs --secret
     /// or --key).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_DEVICES as i64))]
@@ -134,6 +143,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn parse_json(s: &str) -> Result<Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
+}
+
+fn parse_attributes(s: &str) -> Result<serde_json::Map<String, Value>, String> {
+    match parse_json(s)? {
+        Value::Object(m) => {
+            let len = serde_json::to_string(&m).map_or(usize::MAX, |t| t.len());
+            if len > mosaic_protocol::fleet::MAX_ATTRIBUTES_JSON_BYTES {
+                return Err(format!("{len} bytes of JSON; at most 8192"));
+            }
+            Ok(m)
+        }
+        _ => Err("must be a JSON object".into()),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -212,6 +234,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 with_ids: !args.no_ids,
             },
             answer: args.answer.clone(),
+            capabilities: mosaic_protocol::fleet::Capabilities {
+                services: (!args.services.is_empty()).then(|| {
+                    let mut s = args.services.clone();
+                    s.sort();
+                    s.dedup();
+                    s
+                }),
+                attributes: args.attributes.clone(),
+            },
             backoff_base: args.backoff_base,
             backoff_max: args.backoff_max,
             max_in_flight: args.max_in_flight.max(1),

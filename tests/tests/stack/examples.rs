@@ -176,6 +176,7 @@ async fn simulator_round_trip() {
             with_ids: true,
         },
         answer,
+        capabilities: Default::default(),
         backoff_base: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
         max_in_flight: 10,
