@@ -56,6 +56,7 @@ pub struct ApiState {
         description = "Events and confirmed requests from Hive to devices; the fleet: presence, listing, kick, groups and scatter-gather requests."
     ),
     paths(docs::healthz, docs::readyz, docs::metrics, docs::openapi),
+    components(schemas(fleet::SummaryLine, fleet::Summary, fleet::AnswerLine)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -177,21 +178,21 @@ mod tests {
         app_with_limit(1024)
     }
 
+    fn fleet_settings() -> crate::fleet::Settings {
+        crate::fleet::Settings {
+            reply_queue: "replies".into(),
+            publish_timeout: Duration::from_secs(1),
+            ask_timeout: Duration::from_millis(50),
+            lost_after: Duration::from_secs(1),
+            max_fanouts: 1,
+            max_answer_bytes: 1024,
+        }
+    }
+
     fn app_with_limit(max_body_bytes: usize) -> Router {
         let (_tx, rx) = watch::channel(None);
         let pending = Pending::new(10);
-        let fleet = crate::fleet::Fleet::new(
-            rx.clone(),
-            pending.clone(),
-            crate::fleet::Settings {
-                reply_queue: "replies".into(),
-                publish_timeout: Duration::from_secs(1),
-                ask_timeout: Duration::from_millis(50),
-                lost_after: Duration::from_secs(1),
-                max_fanouts: 1,
-                max_answer_bytes: 1024,
-            },
-        );
+        let fleet = crate::fleet::Fleet::new(rx.clone(), pending.clone(), fleet_settings());
         let state = ApiState {
             commands: Arc::new(Commands {
                 link: rx,
@@ -407,26 +408,105 @@ mod tests {
         assert_eq!(answer["error"]["code"], code::BAD_REQUEST);
     }
 
+    /// Every route the router serves, with its method.
+    const SERVED: [(&str, &str); 13] = [
+        ("post", "/v1/devices/{device}/events"),
+        ("post", "/v1/devices/{device}/requests"),
+        ("post", "/v1/broadcast/events"),
+        ("get", "/v1/devices/{device}/presence"),
+        ("delete", "/v1/devices/{device}/session"),
+        ("get", "/v1/devices"),
+        ("post", "/v1/groups/{group}/events"),
+        ("post", "/v1/groups/{group}/requests"),
+        ("post", "/v1/broadcast/requests"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ];
+
+    fn concrete(path: &str) -> String {
+        path.replace("{device}", "0192b9b4-7d2e-7cc1-9a4e-000000000001")
+            .replace("{group}", "g")
+    }
+
     #[tokio::test]
     async fn openapi_names_every_route() {
         let req = Request::get("/openapi.json").body(Body::empty()).unwrap();
         let (status, doc) = call(app(), req).await;
         assert_eq!(status, StatusCode::OK);
-        for path in [
-            "/v1/devices/{device}/events",
-            "/v1/devices/{device}/requests",
-            "/v1/broadcast/events",
-        ] {
-            assert!(doc["paths"][path]["post"].is_object(), "{path}: {doc}");
+        let health = Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/readyz", axum::routing::get(|| async { "ok" }))
+            .route("/metrics", axum::routing::get(|| async { "" }));
+        let (_tx, rx) = watch::channel(None);
+        let full = || {
+            let pending = Pending::new(10);
+            let fleet = crate::fleet::Fleet::new(rx.clone(), pending.clone(), fleet_settings());
+            let state = ApiState {
+                commands: Arc::new(Commands {
+                    link: rx.clone(),
+                    pending,
+                    publish_timeout: Duration::from_secs(1),
+                    reply_queue: "replies".into(),
+                }),
+                fleet,
+            };
+            router(state, Tokens::new([TOKEN]), 1024, health.clone())
+        };
+        // Each route served is documented...
+        for (method, path) in SERVED {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} is not documented"
+            );
         }
+        // ...and each documented route is served (not the fallback's `not_found` or
+        // `method_not_allowed`).
+        let paths = doc["paths"].as_object().unwrap();
+        let mut documented = 0;
+        for (path, item) in paths {
+            for method in item.as_object().unwrap().keys() {
+                documented += 1;
+                let req = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(concrete(path))
+                    .header("authorization", format!("Bearer {TOKEN}"))
+                    .header("content-type", "application/json")
+                    .body(Body::from("{}"))
+                    .unwrap();
+                let (_, body) = call(full(), req).await;
+                let code = body["error"]["code"].as_str().unwrap_or_default();
+                assert!(
+                    code != code::NOT_FOUND && code != code::METHOD_NOT_ALLOWED,
+                    "{method} {path} is documented but not served: {body}"
+                );
+                assert!(
+                    SERVED.contains(&(method.as_str(), path.as_str())),
+                    "{method} {path} is served but missing from SERVED"
+                );
+            }
+        }
+        assert_eq!(documented, SERVED.len());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
-        let event = &doc["components"]["schemas"]["EventBody"];
-        assert_eq!(event["additionalProperties"], true, "{event}");
-        assert!(
-            event["required"]
-                .as_array()
-                .unwrap()
-                .contains(&"name".into())
-        );
+        for name in ["EventBody", "FanoutBody"] {
+            let body = &doc["components"]["schemas"][name];
+            assert_eq!(body["additionalProperties"], true, "{body}");
+            assert!(
+                body["required"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&"name".into())
+            );
+        }
+        for name in [
+            "PresenceBody",
+            "DeviceList",
+            "FanoutAnswer",
+            "SummaryLine",
+            "GroupAccepted",
+        ] {
+            assert!(doc["components"]["schemas"][name].is_object(), "{name}");
+        }
     }
 }

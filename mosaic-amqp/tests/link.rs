@@ -159,6 +159,40 @@ async fn a_channel_error_replaces_the_whole_link() {
     amqp.shutdown().await;
 }
 
+/// A channel opened outside the link's set may be closed by the broker (here: an
+/// exclusive queue another connection holds, 405 RESOURCE_LOCKED) without the link
+/// being given up.
+#[tokio::test]
+async fn an_error_on_a_channel_outside_the_set_leaves_the_link_whole() {
+    let vhost = broker().vhost("link-outside").await;
+    let (a, _rxa) = start(vec![vhost.amqp_url.clone()], "q.held", Arc::default());
+    let (b, _rxb) = start(vec![vhost.amqp_url.clone()], "q.other", Arc::default());
+    let _la = up(&a, 0).await;
+    let lb = up(&b, 0).await;
+    let ch = lb.open_channel().await.unwrap();
+    let refused = ch
+        .queue_declare(
+            ShortString::from("q.held"),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(refused.is_err(), "another connection holds q.held");
+    // The supervisor checks every 250 ms; give it a few rounds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!lb.lost().is_cancelled(), "the link was given up");
+    assert_eq!(b.link().unwrap().generation(), lb.generation());
+    assert_eq!(
+        lb.publish(0, to_queue("q.other", b"z"), T).await.unwrap(),
+        Routed::Yes
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_node_is_skipped_for_the_next() {
     let vhost = broker().vhost("link-nodes").await;
