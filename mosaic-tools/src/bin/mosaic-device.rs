@@ -68,6 +68,9 @@ struct Args {
     /// `iss` of minted tokens.
     #[arg(long)]
     iss: Option<String>,
+    /// A group of minted tokens (the `groups` claim); repeat for several.
+    #[arg(long = "group", value_name = "NAME", value_parser = parse_group)]
+    groups: Vec<String>,
     /// Lifetime of minted tokens (refreshed in-band at 80 %).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     ttl: Duration,
@@ -145,6 +148,14 @@ fn parse_json(s: &str) -> Result<Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
+fn parse_group(s: &str) -> Result<String, String> {
+    if mosaic_protocol::fleet::valid_group(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`".into())
+    }
+}
+
 fn parse_attributes(s: &str) -> Result<serde_json::Map<String, Value>, String> {
     match parse_json(s)? {
         Value::Object(m) => {
@@ -210,6 +221,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     kid: args.kid.clone(),
                     aud: args.aud.clone(),
                     iss: args.iss.clone(),
+                    groups: args.groups.clone(),
                 };
                 let signer = signer.clone();
                 (sub, Credentials::Mint { signer, spec })
