@@ -229,6 +229,7 @@ pub struct Call {
     deadline: Instant,
     view: watch::Receiver<u64>,
     live_at_start: Vec<Uuid>,
+    audience: Audience,
     fleet: Arc<Fleet>,
     _collecting: Option<Collecting>,
     _permit: OwnedSemaphorePermit,
@@ -259,6 +260,12 @@ impl Call {
                         .collect();
                     if !gone.is_empty() {
                         self.fanout.gateways_lost(&|g| gone.contains(&g));
+                    }
+                    // A gateway whose last member of the group left before the
+                    // request reached it announces so at once: it will not report.
+                    if let Audience::Group(group) = &self.audience {
+                        let holding = view.with_group(group);
+                        self.fanout.not_expected(&|g| !holding.contains(&g));
                     }
                 },
             }
@@ -586,9 +593,8 @@ impl Fleet {
         let collecting = self.pending.collect(id, fanout.clone());
         let props = self.properties(id, table, timeout);
         let body = serde_json::to_vec(data).expect("JSON values serialize");
-        let routed = self
-            .publish(&link, audience.key(), true, props, body)
-            .await?;
+        let key = audience.key();
+        let routed = self.publish(&link, key, true, props, body).await?;
         match routed {
             // Nobody holds a member: complete at once, nobody asked.
             Routed::Returned => fanout.gateways_lost(&|_| true),
@@ -600,6 +606,7 @@ impl Fleet {
             deadline,
             view: self.view.changes(),
             live_at_start,
+            audience,
             fleet: self.clone(),
             _collecting: Some(collecting),
             _permit: permit,

@@ -171,6 +171,18 @@ impl Fanout {
         out
     }
 
+    /// Stops waiting for the reports of the gateways `gone` names (they no longer
+    /// hold the group); a report that still comes is taken.
+    pub fn not_expected(&self, gone: &dyn Fn(Uuid) -> bool) {
+        let mut f = self.lock();
+        let before = f.expected.len();
+        f.expected.retain(|g| !gone(*g));
+        if f.expected.len() != before {
+            drop(f);
+            self.notify.notify_one();
+        }
+    }
+
     /// The gateways in `lost` will not report: their devices still waiting left.
     pub fn gateways_lost(&self, lost: &dyn Fn(Uuid) -> bool) {
         let mut f = self.lock();
