@@ -24,7 +24,9 @@
 //!    of 1,000: the time, and device-service's resident memory before and at its
 //!    peak during the listing.
 //!
-//! Figures are printed, never asserted.
+//! Figures are printed, never asserted. `BENCH_SLOW=1` also prints every presence or
+//! round trip over 100 ms with its offset in the run, to tell a stall of the machine
+//! (every call at once) from a slow path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -398,6 +400,7 @@ where
 {
     let total = rate * seconds;
     let (tx, mut rx) = mpsc::channel(total.max(1) as usize);
+    let t0 = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for i in 0..total {
@@ -409,7 +412,11 @@ where
             let ok = tokio::time::timeout(Duration::from_secs(10), fut)
                 .await
                 .unwrap_or(false);
-            let _ = tx.send((ok, t.elapsed())).await;
+            let took = t.elapsed();
+            if std::env::var("BENCH_SLOW").is_ok() && took > Duration::from_millis(100) {
+                eprintln!("slow: at {:?} took {:?}", t.duration_since(t0), took);
+            }
+            let _ = tx.send((ok, took)).await;
         });
     }
     drop(tx);

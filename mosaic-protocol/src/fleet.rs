@@ -319,8 +319,10 @@ mod tests {
         assert!(caps.offers("a") && !caps.offers("c"));
         assert!(Capabilities::default().offers("anything"));
 
-        let mut later = Capabilities::default();
-        later.attributes = Some(Map::new());
+        let later = Capabilities {
+            attributes: Some(Map::new()),
+            ..Default::default()
+        };
         let mut now = caps.clone();
         now.update(later);
         assert_eq!(now.services, caps.services);

@@ -43,8 +43,8 @@ async fn connect(
     a: std::net::SocketAddr,
     b: std::net::SocketAddr,
 ) -> Device {
-    let addr = if i % 2 == 0 { a } else { b };
-    let groups: &[&str] = if i % 4 == 0 {
+    let addr = if i.is_multiple_of(2) { a } else { b };
+    let groups: &[&str] = if i.is_multiple_of(4) {
         &["fleet", "quarter"]
     } else {
         &["fleet"]
