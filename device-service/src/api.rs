@@ -60,9 +60,18 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Bounds on what a client sends: the body's size and how long it may take to arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest body, in bytes (413 beyond).
+    pub max_bytes: usize,
+    /// Longest a body may take to arrive once the headers are in (408 beyond).
+    pub timeout: std::time::Duration,
+}
+
 /// The whole HTTP app: `/v1` behind bearer auth, `/openapi.json`, and `health`
 /// (`/healthz`, `/readyz`, `/metrics`) without auth.
-pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Router) -> Router {
+pub fn router(state: ApiState, tokens: Tokens, body: BodyLimits, health: Router) -> Router {
     let (v1, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(commands::send_event))
         .routes(routes!(commands::send_request))
@@ -111,7 +120,8 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
                 "method not allowed on this route",
             )
         })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
+        .layer(axum::Extension(error::BodyTimeout(body.timeout)))
 }
 
 pub(crate) fn finish<T: IntoResponse>(
@@ -169,7 +179,11 @@ mod tests {
                 reply_queue: "replies".into(),
             }),
         };
-        router(state, Tokens::new([TOKEN]), max_body_bytes, Router::new())
+        let body = BodyLimits {
+            max_bytes: max_body_bytes,
+            timeout: Duration::from_millis(300),
+        };
+        router(state, Tokens::new([TOKEN]), body, Router::new())
     }
 
     async fn call(app: Router, req: Request<Body>) -> (StatusCode, Value) {
@@ -191,6 +205,24 @@ mod tests {
     }
 
     const DEV: &str = "/v1/devices/0192b9b4-7d2e-7cc1-9a4e-000000000001";
+
+    #[tokio::test]
+    async fn a_body_that_never_arrives_is_408_in_bounded_time() {
+        // Headers in, body trickling forever: the request is answered, not held.
+        let body = Body::from_stream(futures_util::stream::pending::<
+            Result<Vec<u8>, std::io::Error>,
+        >());
+        let req = Request::post(format!("{DEV}/events"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(body)
+            .unwrap();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), call(app(), req))
+            .await
+            .expect("an answer within the bound");
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+        assert_eq!(body["error"]["code"], code::REQUEST_TIMEOUT);
+    }
 
     #[tokio::test]
     async fn errors_have_one_shape() {

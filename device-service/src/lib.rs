@@ -169,7 +169,11 @@ pub async fn run(
         }),
     };
     let health = mosaic_runtime::health::router(readiness);
-    let app = api::router(state, tokens, config.max_body_bytes as usize, health);
+    let body = api::BodyLimits {
+        max_bytes: config.max_body_bytes as usize,
+        timeout: Duration::from_millis(config.header_read_timeout_ms),
+    };
+    let app = api::router(state, tokens, body, health);
     let server = mosaic_runtime::serve::serve(
         listener,
         app,

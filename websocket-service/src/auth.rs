@@ -140,6 +140,12 @@ struct Claims {
 }
 
 impl Verifier {
+    /// The clock skew allowed on `exp` and `nbf`, in seconds (`JWT_LEEWAY_SECS`): a
+    /// session accepted within it lasts until `exp` plus the leeway.
+    pub fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
     /// Loads the keys named by the configuration.
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
         let mut v = Verifier {

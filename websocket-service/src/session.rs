@@ -274,7 +274,8 @@ where
     {
         end = Some(End::new(DisconnectReason::Error));
     }
-    let mut expires = expiry(exp);
+    let leeway = gw.verifier.leeway();
+    let mut expires = expiry(exp.saturating_add(leeway));
     let mut next_ping = Instant::now() + limits.ping_interval;
     let mut pong_deadline: Option<Instant> = None;
     // A frame read but held back by the rate limit, and when it may go on.
@@ -373,7 +374,7 @@ where
                     let before = exp;
                     end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, frame)).await;
                     if exp != before {
-                        expires = expiry(exp);
+                        expires = expiry(exp.saturating_add(leeway));
                     }
                 }
                 Err(at) => {

@@ -38,6 +38,8 @@ pub mod code {
     pub const DEVICE_BUSY: &str = "device_busy";
     /// No such route.
     pub const NOT_FOUND: &str = "not_found";
+    /// The request body did not arrive within the time allowed.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The route exists, not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
 }
@@ -154,6 +156,11 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// How long a request body may take to arrive once its headers are in (a request
+/// extension the router sets; without it, no bound).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
 /// A JSON body, as `axum::Json` reads it (JSON content type, body limit), with its
 /// rejections in the API's error shape, and numbers exact: see [`parse_body`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -170,9 +177,20 @@ where
         if !json_content_type(req.headers()) {
             return Err(JsonRejection::from(MissingJsonContentType::default()).into());
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(JsonRejection::from)?;
+        // A client that trickles its body holds a connection and a task: bounded.
+        let timeout = req.extensions().get::<BodyTimeout>().map(|t| t.0);
+        let read = Bytes::from_request(req, state);
+        let bytes = match timeout {
+            Some(t) => tokio::time::timeout(t, read).await.map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    code::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                )
+            })?,
+            None => read.await,
+        }
+        .map_err(JsonRejection::from)?;
         parse_body(&bytes).map(ApiJson)
     }
 }
