@@ -3,10 +3,12 @@
 //! errors to HTTP; no AMQP or SQL here.
 //!
 //! - `commands`: events and requests to one device, and broadcasts.
+//! - `devices`: the device registry, enrolment codes, and the public JWKS.
 //! - `auth`: the bearer tokens; `error`: the one error shape and the JSON extractor.
 
 mod auth;
 mod commands;
+mod devices;
 mod error;
 
 use std::sync::Arc;
@@ -36,6 +38,8 @@ use crate::metrics;
 pub struct ApiState {
     /// Events and requests to devices.
     pub commands: Arc<Commands>,
+    /// The device registry and enrolment.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 #[derive(OpenApi)]
@@ -67,9 +71,21 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
         .routes(routes!(commands::send_event))
         .routes(routes!(commands::send_request))
         .routes(routes!(commands::broadcast_event))
+        .routes(routes!(devices::list_devices, devices::create_device))
+        .routes(routes!(
+            devices::get_device,
+            devices::patch_device,
+            devices::delete_device
+        ))
+        .routes(routes!(devices::create_enrolment))
+        .with_state(state.clone())
+        .split_for_parts();
+    let (public, public_doc) = OpenApiRouter::new()
+        .routes(routes!(devices::jwks))
         .with_state(state)
         .split_for_parts();
     let mut openapi = openapi;
+    openapi.merge(public_doc);
     // The bodies take any extra top-level field (`#[serde(flatten)]`).
     if let Some(components) = openapi.components.as_mut() {
         for name in ["EventBody", "RequestBody"] {
@@ -88,6 +104,7 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
     );
     Router::new()
         .merge(v1)
+        .merge(public)
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -168,6 +185,12 @@ mod tests {
                 publish_timeout: Duration::from_secs(1),
                 reply_queue: "replies".into(),
             }),
+            registry: Arc::new(crate::registry::Registry::new(
+                None,
+                None,
+                Arc::default(),
+                mosaic_runtime::health::Readiness::new(),
+            )),
         };
         router(state, Tokens::new([TOKEN]), max_body_bytes, Router::new())
     }

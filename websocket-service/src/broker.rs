@@ -139,6 +139,7 @@ impl Broker {
                 no_ack: false,
                 exclusive: true,
                 buffer: usize::from(COMMAND_PREFETCH),
+                arguments: FieldTable::default(),
             }],
         };
         let (amqp, mut rx) = Amqp::start(settings, plan, move |ch| declare(ch, queue.clone()));
