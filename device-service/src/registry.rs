@@ -295,6 +295,18 @@ fn registry_message(record: &DeviceRecord, change: Change, at: OffsetDateTime) -
     }
 }
 
+/// When a revocation made at `now` takes effect: at least a second after the
+/// previous one, since tokens minted after that one carry an `iat` up to a second
+/// past it (see [`Signer::mint`]) and must fall under this one.
+fn revocation_time(now: OffsetDateTime, previous: Option<OffsetDateTime>) -> OffsetDateTime {
+    match previous {
+        Some(p) if p.unix_timestamp() + 1 > now.unix_timestamp() => {
+            OffsetDateTime::from_unix_timestamp(p.unix_timestamp() + 1).unwrap_or(now)
+        }
+        _ => now,
+    }
+}
+
 /// The revocations-stream entry for `device` at `at`.
 fn revocation_message(device: Uuid, at: OffsetDateTime) -> OutboxMessage {
     let mut h = Map::new();
@@ -547,14 +559,15 @@ impl Registry {
                         groups: groups.clone().unwrap_or_else(|| old.groups.clone()),
                         attributes,
                         enabled,
-                        revoked_at: (old.enabled && !enabled).then_some(at),
+                        revoked_at: (old.enabled && !enabled)
+                            .then(|| revocation_time(at, old.revoked_at)),
                         at,
                     })
                 },
                 |old, new| {
                     let mut m = vec![registry_message(&new.into(), Change::Updated, at)];
                     if old.enabled && !new.enabled {
-                        m.push(revocation_message(new.id, at));
+                        m.push(revocation_message(new.id, new.revoked_at.unwrap_or(at)));
                     }
                     m
                 },
@@ -574,7 +587,7 @@ impl Registry {
                 record.updated_at = rfc3339(at);
                 vec![
                     registry_message(&record, Change::Deleted, at),
-                    revocation_message(d.id, at),
+                    revocation_message(d.id, revocation_time(at, d.revoked_at)),
                 ]
             })
             .await?;

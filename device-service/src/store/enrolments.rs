@@ -45,7 +45,7 @@ impl Store {
         )
         .await?;
         tx.execute(
-            "DELETE FROM enrolments WHERE expires_at < $1 - interval '7 days'",
+            "DELETE FROM enrolments WHERE expires_at < $1::timestamptz - interval '7 days'",
             &[&now],
         )
         .await?;
