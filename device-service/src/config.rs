@@ -231,7 +231,10 @@ impl fmt::Debug for Config {
             .field("max_http_connections", &self.max_http_connections)
             .field("database_url", &self.database_url.as_ref().map(|_| "***"))
             .field("database_pool_size", &self.database_pool_size)
-            .field("token_signing_key", &self.token_signing_key.as_ref().map(|_| "***"))
+            .field(
+                "token_signing_key",
+                &self.token_signing_key.as_ref().map(|_| "***"),
+            )
             .field("token_ttl", &self.token_ttl)
             .field("token_issuer", &self.token_issuer)
             .field("token_audience", &self.token_audience)

@@ -184,7 +184,11 @@ pub async fn run(
     ));
     tokio::spawn(follow_link(amqp.watch(), health.clone(), cancel.clone()));
     if let Some(store) = &store {
-        tokio::spawn(watch_database(store.clone(), health.clone(), cancel.clone()));
+        tokio::spawn(watch_database(
+            store.clone(),
+            health.clone(),
+            cancel.clone(),
+        ));
         tokio::spawn(outbox::drain(
             store.clone(),
             amqp.watch(),

@@ -246,7 +246,9 @@ fn check_attributes(v: Value) -> Result<Value, RegistryError> {
             "field `attributes` must be a JSON object".into(),
         ));
     }
-    let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(usize::MAX);
+    let len = serde_json::to_vec(&v)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
     if len > MAX_ATTRIBUTES_BYTES {
         return Err(RegistryError::Invalid(format!(
             "field `attributes` takes {len} bytes as JSON text; at most {MAX_ATTRIBUTES_BYTES}"
@@ -509,7 +511,11 @@ impl Registry {
                 check_text("name", n, MAX_NAME_CHARS)?;
                 Some(n.clone())
             }
-            Some(_) => return Err(RegistryError::Invalid("field `name` must be a string".into())),
+            Some(_) => {
+                return Err(RegistryError::Invalid(
+                    "field `name` must be a string".into(),
+                ));
+            }
         };
         let groups = match patch.get("groups") {
             None => None,

@@ -80,10 +80,7 @@ impl Seen {
     }
 
     fn take(&self) -> Vec<(Uuid, OffsetDateTime, bool)> {
-        self.lock()
-            .drain()
-            .map(|(d, (at, c))| (d, at, c))
-            .collect()
+        self.lock().drain().map(|(d, (at, c))| (d, at, c)).collect()
     }
 
     /// Writes sightings until `cancel` (then once more).

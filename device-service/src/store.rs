@@ -60,8 +60,7 @@ impl Settings {
             return Err("must be a postgres:// or postgresql:// URL".into());
         }
         let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
-            "is not a valid PostgreSQL URL (postgres://user:password@host:port/database)"
-                .to_owned()
+            "is not a valid PostgreSQL URL (postgres://user:password@host:port/database)".to_owned()
         })?;
         if config.get_hosts().is_empty() {
             return Err("names no host".into());

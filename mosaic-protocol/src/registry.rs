@@ -156,8 +156,8 @@ mod tests {
             serde_json::to_value(RpcRequest::Enrol { code: "c".into() }).unwrap(),
             json!({"op":"enrol","code":"c"})
         );
-        let r: RpcReply = serde_json::from_value(json!({"result":"refused","code":"forbidden"}))
-            .unwrap();
+        let r: RpcReply =
+            serde_json::from_value(json!({"result":"refused","code":"forbidden"})).unwrap();
         assert_eq!(
             r,
             RpcReply::Refused {

@@ -364,9 +364,15 @@ async fn connect(
                     say(cfg, format_args!("<- error {code}: {message}"));
                 }
                 ServerFrame::Enrolled {
-                    device, expires_at, token, ..
+                    device,
+                    expires_at,
+                    token,
+                    ..
                 } => {
-                    say(cfg, format_args!("<- enrolled device={device} expires_at={expires_at}"));
+                    say(
+                        cfg,
+                        format_args!("<- enrolled device={device} expires_at={expires_at}"),
+                    );
                     if let Credentials::Enrol(e) = &cfg.credentials {
                         e.store(token);
                     }

@@ -138,27 +138,30 @@ impl Broker {
         let queue = ShortString::from(self.queue.clone());
         let plan = Plan {
             publishers: PUBLISH_CHANNELS,
-            consumers: vec![Consume {
-                queue: queue.clone(),
-                tag: ShortString::from(format!("{}-consumer", self.queue)),
-                prefetch: COMMAND_PREFETCH,
-                no_ack: false,
-                exclusive: true,
-                buffer: usize::from(COMMAND_PREFETCH),
-                arguments: FieldTable::default(),
-            }, Consume {
-                queue: registry::REVOCATIONS_STREAM.into(),
-                tag: ShortString::from(format!("{}-revocations", self.queue)),
-                prefetch: REVOCATIONS_PREFETCH,
-                no_ack: false,
-                exclusive: false,
-                buffer: usize::from(REVOCATIONS_PREFETCH),
-                arguments: {
-                    let mut t = FieldTable::default();
-                    t.insert("x-stream-offset".into(), long("first"));
-                    t
+            consumers: vec![
+                Consume {
+                    queue: queue.clone(),
+                    tag: ShortString::from(format!("{}-consumer", self.queue)),
+                    prefetch: COMMAND_PREFETCH,
+                    no_ack: false,
+                    exclusive: true,
+                    buffer: usize::from(COMMAND_PREFETCH),
+                    arguments: FieldTable::default(),
                 },
-            }],
+                Consume {
+                    queue: registry::REVOCATIONS_STREAM.into(),
+                    tag: ShortString::from(format!("{}-revocations", self.queue)),
+                    prefetch: REVOCATIONS_PREFETCH,
+                    no_ack: false,
+                    exclusive: false,
+                    buffer: usize::from(REVOCATIONS_PREFETCH),
+                    arguments: {
+                        let mut t = FieldTable::default();
+                        t.insert("x-stream-offset".into(), long("first"));
+                        t
+                    },
+                },
+            ],
         };
         let (amqp, mut rx) = Amqp::start(settings, plan, move |ch| declare(ch, queue.clone()));
         let links = amqp.watch();

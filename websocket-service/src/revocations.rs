@@ -110,7 +110,9 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut deliveries: mpsc::Receiver<Incomin
         if generation != 0 && generation != marked {
             match gw.broker.publish(marker_message(&gw, generation)).await {
                 Ok(()) => marked = generation,
-                Err(e) => tracing::debug!(error = %e, "revocations marker not confirmed; again soon"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "revocations marker not confirmed; again soon")
+                }
             }
         }
         let retry = generation != marked;
@@ -148,22 +150,19 @@ fn handle(gw: &Gateway, incoming: &Incoming, generation: u64) {
             };
             let at = gw.revocations.revoke(device, at);
             if let Some(session) = gw.registry.get(device)
-                && session
-                    .control
-                    .issued_at()
-                    .is_none_or(|iat| iat <= at)
+                && session.control.issued_at().is_none_or(|iat| iat <= at)
             {
                 tracing::info!(%device, "closing a session whose token was revoked");
                 session.control.close(DisconnectReason::Revoked);
             }
         }
-        Some(wire::KIND_MARKER) => {
-            if header(&h, wire::MARKER).and_then(Value::as_str) == Some(&marker(gw, generation))
-            {
-                tracing::info!(generation, "revocations caught up");
-                gw.revocations.caught_up.send_replace(generation);
-                gw.update_readiness();
-            }
+        Some(wire::KIND_MARKER)
+            if header(&h, wire::MARKER).and_then(Value::as_str)
+                == Some(&marker(gw, generation)) =>
+        {
+            tracing::info!(generation, "revocations caught up");
+            gw.revocations.caught_up.send_replace(generation);
+            gw.update_readiness();
         }
         _ => {}
     }

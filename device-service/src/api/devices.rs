@@ -18,17 +18,17 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson, ErrorBody, code, parse_body};
 use super::{ApiState, finish, parse_device};
-use crate::registry::{
-    DeviceRecord, Enrolment, ListQuery, NewDeviceBody, Page, RegistryError,
-};
+use crate::registry::{DeviceRecord, Enrolment, ListQuery, NewDeviceBody, Page, RegistryError};
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let message = e.to_string();
         match e {
-            RegistryError::NotConfigured(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code::NOT_CONFIGURED, message)
-            }
+            RegistryError::NotConfigured(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::NOT_CONFIGURED,
+                message,
+            ),
             RegistryError::Unavailable => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 code::DATABASE_UNAVAILABLE,

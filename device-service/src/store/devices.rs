@@ -174,7 +174,10 @@ impl Store {
     pub async fn device(&self, id: Uuid) -> Result<Device, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(&format!("SELECT {COLUMNS} FROM devices WHERE id = $1"), &[&id])
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM devices WHERE id = $1"),
+                &[&id],
+            )
             .await?;
         row.map(|r| Device::from_row(&r))
             .ok_or(StoreError::NotFound)

@@ -16,11 +16,8 @@ use super::StoreError;
 const LOCK_KEY: i64 = 0x6d6f_7361_6963;
 
 /// (version, name, SQL), in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "registry",
-    include_str!("migrations/0001_registry.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "registry", include_str!("migrations/0001_registry.sql"))];
 
 /// Applies what is missing; returns how many migrations it applied.
 pub(super) async fn run(client: &mut deadpool_postgres::Object) -> Result<usize, StoreError> {
@@ -37,7 +34,10 @@ pub(super) async fn run(client: &mut deadpool_postgres::Object) -> Result<usize,
     )
     .await?;
     let applied: Vec<(i32, Vec<u8>)> = tx
-        .query("SELECT version, checksum FROM mosaic_schema_migrations", &[])
+        .query(
+            "SELECT version, checksum FROM mosaic_schema_migrations",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))

@@ -105,8 +105,11 @@ impl Store {
         }
         let published = publish(messages).await.min(ids.len());
         if published > 0 {
-            tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&&ids[..published]])
-                .await?;
+            tx.execute(
+                "DELETE FROM outbox WHERE id = ANY($1)",
+                &[&&ids[..published]],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(Some(published))

@@ -13,7 +13,13 @@ use crate::{Service, TOKEN, channel, publish_event};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn call(svc: &Service, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+async fn call(
+    svc: &Service,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
     let mut req = reqwest::Client::new().request(method.parse().unwrap(), svc.url(path));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -26,7 +32,10 @@ async fn call(svc: &Service, method: &str, path: &str, token: Option<&str>, body
     let res = req.send().await.unwrap();
     let status = res.status().as_u16();
     let bytes = res.bytes().await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -57,12 +66,30 @@ async fn every_registry_route_and_its_errors() {
 
     // Duplicates, and a second device without an id.
     let (s, e) = call(&svc, "POST", "/v1/devices", t, Some(&create)).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("device_exists")));
-    let (s, e) = call(&svc, "POST", "/v1/devices", t,
-        Some(r#"{"name":"other","external_id":"SN-1"}"#)).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("external_id_exists")));
-    let (s, other) = call(&svc, "POST", "/v1/devices", t,
-        Some(r#"{"name":"valve-9","groups":["plant-b"]}"#)).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("device_exists"))
+    );
+    let (s, e) = call(
+        &svc,
+        "POST",
+        "/v1/devices",
+        t,
+        Some(r#"{"name":"other","external_id":"SN-1"}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("external_id_exists"))
+    );
+    let (s, other) = call(
+        &svc,
+        "POST",
+        "/v1/devices",
+        t,
+        Some(r#"{"name":"valve-9","groups":["plant-b"]}"#),
+    )
+    .await;
     assert_eq!(s, 201, "{other}");
     let other_id = other["id"].as_str().unwrap().to_owned();
 
@@ -113,10 +140,18 @@ async fn every_registry_route_and_its_errors() {
     assert_eq!(got["attributes"]["loc"]["row"], 2);
     for (path, status, code) in [
         ("/v1/devices/nope".to_owned(), 400, "bad_device_id"),
-        (format!("/v1/devices/{}", Uuid::new_v4()), 404, "device_not_found"),
+        (
+            format!("/v1/devices/{}", Uuid::new_v4()),
+            404,
+            "device_not_found",
+        ),
     ] {
         let (s, e) = call(&svc, "GET", &path, t, None).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (status, Some(code)), "{path}");
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path}"
+        );
     }
 
     // Listing: filters and pages.
@@ -130,47 +165,121 @@ async fn every_registry_route_and_its_errors() {
     let (_, page) = call(&svc, "GET", &list("?q=sn-"), t, None).await;
     assert_eq!(page["devices"].as_array().unwrap().len(), 1, "{page}");
     let (_, page) = call(&svc, "GET", &list("?q=%25"), t, None).await;
-    assert_eq!(page["devices"].as_array().unwrap().len(), 0, "a literal %: {page}");
+    assert_eq!(
+        page["devices"].as_array().unwrap().len(),
+        0,
+        "a literal %: {page}"
+    );
     let (_, first) = call(&svc, "GET", &list("?limit=1"), t, None).await;
     assert_eq!(first["devices"].as_array().unwrap().len(), 1);
-    let cursor = first["next_cursor"].as_str().expect("a next page").to_owned();
-    let (_, second) = call(&svc, "GET", &list(&format!("?limit=1&cursor={cursor}")), t, None).await;
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (_, second) = call(
+        &svc,
+        "GET",
+        &list(&format!("?limit=1&cursor={cursor}")),
+        t,
+        None,
+    )
+    .await;
     assert_eq!(second["devices"].as_array().unwrap().len(), 1);
     assert!(second["next_cursor"].is_null(), "{second}");
     assert_ne!(first["devices"][0]["id"], second["devices"][0]["id"]);
-    for q in ["?limit=0", "?limit=1001", "?limit=x", "?cursor=zzz", "?group=a%20b",
-              "?enabled=maybe", "?nope=1", "?service=x"] {
+    for q in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=x",
+        "?cursor=zzz",
+        "?group=a%20b",
+        "?enabled=maybe",
+        "?nope=1",
+        "?service=x",
+    ] {
         let (s, e) = call(&svc, "GET", &list(q), t, None).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")), "{q}: {e}");
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{q}: {e}"
+        );
     }
 
     // Merge patch.
-    let (s, p) = call(&svc, "PATCH", &format!("/v1/devices/{id}"), t,
-        Some(r#"{"name":"pump-1b","attributes":{"fw":"1.1","loc":null,"new":true},"groups":null}"#)).await;
+    let (s, p) = call(
+        &svc,
+        "PATCH",
+        &format!("/v1/devices/{id}"),
+        t,
+        Some(r#"{"name":"pump-1b","attributes":{"fw":"1.1","loc":null,"new":true},"groups":null}"#),
+    )
+    .await;
     assert_eq!(s, 200, "{p}");
     assert_eq!(p["name"], "pump-1b");
     assert_eq!(p["attributes"], json!({"fw": "1.1", "new": true}));
     assert_eq!(p["groups"], json!([]));
     assert_eq!(p["external_id"], "SN-1");
-    for body in [r#"[1]"#, r#"{"external_id":"x"}"#, r#"{"name":null}"#, r#"{"enabled":"no"}"#,
-                 r#"{"groups":[1]}"#, r#"{"attributes":5}"#] {
+    for body in [
+        r#"[1]"#,
+        r#"{"external_id":"x"}"#,
+        r#"{"name":null}"#,
+        r#"{"enabled":"no"}"#,
+        r#"{"groups":[1]}"#,
+        r#"{"attributes":5}"#,
+    ] {
         let (s, e) = call(&svc, "PATCH", &format!("/v1/devices/{id}"), t, Some(body)).await;
         assert_eq!(s, 400, "{body}: {e}");
     }
-    let (s, _) = call(&svc, "PATCH", &format!("/v1/devices/{}", Uuid::new_v4()), t, Some("{}")).await;
+    let (s, _) = call(
+        &svc,
+        "PATCH",
+        &format!("/v1/devices/{}", Uuid::new_v4()),
+        t,
+        Some("{}"),
+    )
+    .await;
     assert_eq!(s, 404);
 
     // Enrolment codes.
-    let (s, e) = call(&svc, "POST", &format!("/v1/devices/{id}/enrolments"), t, None).await;
+    let (s, e) = call(
+        &svc,
+        "POST",
+        &format!("/v1/devices/{id}/enrolments"),
+        t,
+        None,
+    )
+    .await;
     assert_eq!(s, 201, "{e}");
     assert_eq!(e["code"].as_str().unwrap().len(), 29);
-    for (body, status) in [(r#"{"ttl_ms":59999}"#, 400), (r#"{"ttl_ms":2592000001}"#, 400),
-                           (r#"{"ttl_ms":"1"}"#, 400), (r#"{"other":1}"#, 400), (r#"{"ttl_ms":60000}"#, 201)] {
-        let (s, e) = call(&svc, "POST", &format!("/v1/devices/{id}/enrolments"), t, Some(body)).await;
+    for (body, status) in [
+        (r#"{"ttl_ms":59999}"#, 400),
+        (r#"{"ttl_ms":2592000001}"#, 400),
+        (r#"{"ttl_ms":"1"}"#, 400),
+        (r#"{"other":1}"#, 400),
+        (r#"{"ttl_ms":60000}"#, 201),
+    ] {
+        let (s, e) = call(
+            &svc,
+            "POST",
+            &format!("/v1/devices/{id}/enrolments"),
+            t,
+            Some(body),
+        )
+        .await;
         assert_eq!(s, status, "{body}: {e}");
     }
-    let (s, e) = call(&svc, "POST", &format!("/v1/devices/{}/enrolments", Uuid::new_v4()), t, None).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("device_not_found")));
+    let (s, e) = call(
+        &svc,
+        "POST",
+        &format!("/v1/devices/{}/enrolments", Uuid::new_v4()),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (404, Some("device_not_found"))
+    );
     let (s, _) = call(&svc, "POST", "/v1/devices/x/enrolments", t, None).await;
     assert_eq!(s, 400);
 
@@ -184,7 +293,10 @@ async fn every_registry_route_and_its_errors() {
     let device = id.to_string();
     let seen = hive
         .wait_until(WAIT, "created, updated, deleted at Hive", |seen| {
-            seen.iter().filter(|r| r.json()["device"] == device.as_str()).count() >= 3
+            seen.iter()
+                .filter(|r| r.json()["device"] == device.as_str())
+                .count()
+                >= 3
         })
         .await;
     let names: Vec<Value> = seen
@@ -196,7 +308,10 @@ async fn every_registry_route_and_its_errors() {
             b["name"].clone()
         })
         .collect();
-    assert_eq!(names, vec![json!("created"), json!("updated"), json!("deleted")]);
+    assert_eq!(
+        names,
+        vec![json!("created"), json!("updated"), json!("deleted")]
+    );
     svc.stop().await;
 }
 
@@ -215,20 +330,37 @@ async fn without_a_database_or_a_key_the_v2_routes_answer_not_configured() {
     ] {
         let body = (m == "POST" && p == "/v1/devices").then_some(r#"{"name":"x"}"#);
         let (s, e) = call(&svc, m, &p, Some(TOKEN), body).await;
-        assert_eq!((s, e["error"]["code"].as_str()), (503, Some("not_configured")), "{m} {p}");
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (503, Some("not_configured")),
+            "{m} {p}"
+        );
     }
     let (s, e) = call(&svc, "GET", "/v1/jwks.json", None, None).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (503, Some("not_configured")));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (503, Some("not_configured"))
+    );
     svc.stop().await;
 
     // A database but no signing key: the registry works, enrolment does not.
     let db = postgres().database("registry_no_key").await;
     let svc = Service::start(&vhost.amqp_url, &hive.url(), &[("DATABASE_URL", &db)]).await;
-    let (s, rec) = call(&svc, "POST", "/v1/devices", Some(TOKEN), Some(r#"{"name":"x"}"#)).await;
+    let (s, rec) = call(
+        &svc,
+        "POST",
+        "/v1/devices",
+        Some(TOKEN),
+        Some(r#"{"name":"x"}"#),
+    )
+    .await;
     assert_eq!(s, 201);
     let path = format!("/v1/devices/{}/enrolments", rec["id"].as_str().unwrap());
     let (s, e) = call(&svc, "POST", &path, Some(TOKEN), None).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (503, Some("not_configured")));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (503, Some("not_configured"))
+    );
     svc.stop().await;
 }
 
@@ -240,36 +372,62 @@ async fn connects_activate_a_device_once_and_move_last_seen() {
     let db = postgres().database("registry_seen").await;
     let hive = HiveStandIn::start().await;
     let svc = Service::start(&vhost.amqp_url, &hive.url(), &[("DATABASE_URL", &db)]).await;
-    let (s, rec) = call(&svc, "POST", "/v1/devices", Some(TOKEN), Some(r#"{"name":"x"}"#)).await;
+    let (s, rec) = call(
+        &svc,
+        "POST",
+        "/v1/devices",
+        Some(TOKEN),
+        Some(r#"{"name":"x"}"#),
+    )
+    .await;
     assert_eq!(s, 201);
     let id: Uuid = rec["id"].as_str().unwrap().parse().unwrap();
     let (_conn, ch) = channel(&vhost.amqp_url).await;
     for name in ["connected", "disconnected", "connected"] {
         let mut h = serde_json::Map::new();
-        for (k, v) in [("kind", "lifecycle"), ("name", name), ("gateway", "gw-test")] {
+        for (k, v) in [
+            ("kind", "lifecycle"),
+            ("name", name),
+            ("gateway", "gw-test"),
+        ] {
             h.insert(k.into(), json!(v));
         }
         h.insert("device".into(), json!(id.to_string()));
         h.insert("session".into(), json!(Uuid::now_v7().to_string()));
         h.insert("message_id".into(), json!(Uuid::now_v7().to_string()));
         h.insert("received_at".into(), json!(crate::now_rfc3339()));
-        crate::publish_raw(&ch, "mosaic.events",
-            &format!("lifecycle.{id}.{name}"), &h, b"null").await;
+        crate::publish_raw(
+            &ch,
+            "mosaic.events",
+            &format!("lifecycle.{id}.{name}"),
+            &h,
+            b"null",
+        )
+        .await;
     }
     // An unregistered device's connect is relayed and changes nothing.
     publish_event(&ch, Uuid::new_v4(), "t", json!({}), b"1").await;
     let device = id.to_string();
     hive.wait_until(WAIT, "the activation at Hive", |seen| {
-        seen.iter().any(|r| { let b = r.json(); b["kind"] == "registry" && b["name"] == "activated" && b["device"] == device.as_str() })
-    }).await;
+        seen.iter().any(|r| {
+            let b = r.json();
+            b["kind"] == "registry" && b["name"] == "activated" && b["device"] == device.as_str()
+        })
+    })
+    .await;
     let rec = mosaic_tests::eventually(WAIT, "last_seen", || async {
         let (_, r) = call(&svc, "GET", &format!("/v1/devices/{id}"), Some(TOKEN), None).await;
         r["last_seen"].is_string().then_some(r)
-    }).await;
+    })
+    .await;
     assert!(rec["activated_at"].is_string());
     // Only once, even after the second connect.
     hive.wait_for(6, WAIT).await;
-    let activations = hive.requests().iter().filter(|r| r.json()["name"] == "activated").count();
+    let activations = hive
+        .requests()
+        .iter()
+        .filter(|r| r.json()["name"] == "activated")
+        .count();
     assert_eq!(activations, 1);
     svc.stop().await;
 }
@@ -286,10 +444,20 @@ async fn postgres_stopped_and_started_under_traffic() {
     let svc = Service::start(
         &vhost.amqp_url,
         &hive.url(),
-        &[("DATABASE_URL", &db), ("DATABASE_ACQUIRE_TIMEOUT_MS", "500")],
+        &[
+            ("DATABASE_URL", &db),
+            ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
+        ],
     )
     .await;
-    let (s, _) = call(&svc, "POST", "/v1/devices", Some(TOKEN), Some(r#"{"name":"a"}"#)).await;
+    let (s, _) = call(
+        &svc,
+        "POST",
+        "/v1/devices",
+        Some(TOKEN),
+        Some(r#"{"name":"a"}"#),
+    )
+    .await;
     assert_eq!(s, 201);
     let (_conn, ch) = channel(&vhost.amqp_url).await;
 
@@ -298,15 +466,33 @@ async fn postgres_stopped_and_started_under_traffic() {
     let (s, _) = svc.get("/readyz/broker").await;
     assert_eq!(s, 200);
     let (s, e) = call(&svc, "GET", "/v1/devices", Some(TOKEN), None).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (503, Some("database_unavailable")));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (503, Some("database_unavailable"))
+    );
     // v1 goes on: device events reach Hive, lifecycle messages too.
     let before = hive.requests().len();
     for i in 0..20 {
-        publish_event(&ch, Uuid::new_v4(), "t", json!({}), format!("{i}").as_bytes()).await;
+        publish_event(
+            &ch,
+            Uuid::new_v4(),
+            "t",
+            json!({}),
+            format!("{i}").as_bytes(),
+        )
+        .await;
     }
     hive.wait_for(before + 20, WAIT).await;
-    let (s, e) = svc.post(&format!("/v1/devices/{}/events", Uuid::new_v4()), &json!({"name": "x"})).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("device_not_connected")));
+    let (s, e) = svc
+        .post(
+            &format!("/v1/devices/{}/events", Uuid::new_v4()),
+            &json!({"name": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (404, Some("device_not_connected"))
+    );
 
     pg.start_server().unwrap();
     svc.wait_ready(true).await;

@@ -140,7 +140,10 @@ impl Fleet {
         let res = within(WAIT, "a REST answer", req.send()).await.unwrap();
         let status = res.status().as_u16();
         let bytes = res.bytes().await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     /// A registered device and a fresh code for it.

@@ -103,9 +103,14 @@ pub(super) fn renewed(
                 Some(identity),
             ),
             _ => {
-                tracing::warn!("a renewed token does not verify here: is device-service's key in JWT_PUBLIC_KEYS?");
+                tracing::warn!(
+                    "a renewed token does not verify here: is device-service's key in JWT_PUBLIC_KEYS?"
+                );
                 (
-                    ServerFrame::error(code::UNAVAILABLE, "renewal is not available on this gateway"),
+                    ServerFrame::error(
+                        code::UNAVAILABLE,
+                        "renewal is not available on this gateway",
+                    ),
                     None,
                 )
             }
@@ -118,7 +123,10 @@ pub(super) fn renewed(
             None,
         ),
         _ => (
-            ServerFrame::error(code::UNAVAILABLE, "renewal is unavailable now; try again later"),
+            ServerFrame::error(
+                code::UNAVAILABLE,
+                "renewal is unavailable now; try again later",
+            ),
             None,
         ),
     }
