@@ -59,7 +59,12 @@ struct Args {
     token: Option<String>,
     /// A one-time enrolment code: the device sends `enrol` instead of `auth` and
     /// keeps the token it gets for its reconnects (one device only; give --sub).
-    #[arg(long, env = "MOSAIC_ENROL_CODE", hide_env_values = true, conflicts_with = "token")]
+    #[arg(
+        long,
+        env = "MOSAIC_ENROL_CODE",
+        hide_env_values = true,
+        conflicts_with = "token"
+    )]
     enrol_code: Option<String>,
     #[command(flatten)]
     keys: KeySource,
