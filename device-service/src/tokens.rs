@@ -81,13 +81,10 @@ impl Signer {
         issuer: Option<String>,
         audience: Option<String>,
     ) -> Result<Self, KeyError> {
-        let key = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::InvalidKeyFormat => KeyError::NotEd25519,
-                _ => KeyError::NotPem,
-            }
-        })?;
+        if !pem.contains("-----BEGIN") {
+            return Err(KeyError::NotPem);
+        }
+        let key = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|_| KeyError::NotEd25519)?;
         let pair = Ed25519KeyPair::from_pkcs8(key.as_bytes()).map_err(|_| KeyError::NotEd25519)?;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let x = b64.encode(pair.public_key().as_ref());
