@@ -3,10 +3,12 @@
 //! errors to HTTP; no AMQP or SQL here.
 //!
 //! - `commands`: events and requests to one device, and broadcasts.
+//! - `devices`: the device registry, enrolment codes, and the public JWKS.
 //! - `auth`: the bearer tokens; `error`: the one error shape and the JSON extractor.
 
 mod auth;
 mod commands;
+mod devices;
 mod error;
 
 use std::sync::Arc;
@@ -36,6 +38,8 @@ use crate::metrics;
 pub struct ApiState {
     /// Events and requests to devices.
     pub commands: Arc<Commands>,
+    /// The device registry and enrolment.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 #[derive(OpenApi)]
@@ -76,9 +80,21 @@ pub fn router(state: ApiState, tokens: Tokens, body: BodyLimits, health: Router)
         .routes(routes!(commands::send_event))
         .routes(routes!(commands::send_request))
         .routes(routes!(commands::broadcast_event))
+        .routes(routes!(devices::list_devices, devices::create_device))
+        .routes(routes!(
+            devices::get_device,
+            devices::patch_device,
+            devices::delete_device
+        ))
+        .routes(routes!(devices::create_enrolment))
+        .with_state(state.clone())
+        .split_for_parts();
+    let (public, public_doc) = OpenApiRouter::new()
+        .routes(routes!(devices::jwks))
         .with_state(state)
         .split_for_parts();
     let mut openapi = openapi;
+    openapi.merge(public_doc);
     // The bodies take any extra top-level field (`#[serde(flatten)]`).
     if let Some(components) = openapi.components.as_mut() {
         for name in ["EventBody", "RequestBody"] {
@@ -97,6 +113,7 @@ pub fn router(state: ApiState, tokens: Tokens, body: BodyLimits, health: Router)
     );
     Router::new()
         .merge(v1)
+        .merge(public)
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -178,6 +195,12 @@ mod tests {
                 publish_timeout: Duration::from_secs(1),
                 reply_queue: "replies".into(),
             }),
+            registry: Arc::new(crate::registry::Registry::new(
+                None,
+                None,
+                Arc::default(),
+                mosaic_runtime::health::Readiness::new(),
+            )),
         };
         let body = BodyLimits {
             max_bytes: max_body_bytes,

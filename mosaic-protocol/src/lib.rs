@@ -11,6 +11,8 @@
 //! - [`close`]: WebSocket close codes and the reasons a session ends.
 //! - [`command`]: the messages that cross `mosaic.commands` and the reply path
 //!   between device-service and websocket-service.
+//! - [`registry`]: the device registry's bus messages, the revocations stream, and
+//!   the gateway -> device-service requests (enrol, renew).
 //!
 //! No I/O lives here: only names, shapes and the rules that both ends must share.
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
@@ -21,6 +23,7 @@ pub mod exchange;
 pub mod frame;
 pub mod header;
 pub mod json;
+pub mod registry;
 
 /// Namespace for UUIDv5 message ids derived from (device, device-chosen id).
 ///

@@ -65,6 +65,10 @@ pub enum AuthError {
     /// A required claim is missing, or `aud`/`iss`/`sub` is wrong.
     #[error("invalid claims")]
     Claims,
+    /// The device was disabled or deleted after this token was issued (its `iat`),
+    /// or the token has no `iat` and the device was ever revoked.
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -78,6 +82,7 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
             AuthError::Claims => "claims",
+            AuthError::Revoked => "revoked",
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct Identity {
     pub device: Uuid,
     /// `exp`, seconds since the Unix epoch.
     pub exp: u64,
+    /// `iat`, seconds since the Unix epoch, when the token has one.
+    pub iat: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +144,7 @@ impl std::fmt::Debug for Verifier {
 struct Claims {
     sub: String,
     exp: u64,
+    iat: Option<u64>,
 }
 
 impl Verifier {
@@ -266,6 +274,7 @@ impl Verifier {
         Ok(Identity {
             device,
             exp: data.claims.exp,
+            iat: data.claims.iat,
         })
     }
 }

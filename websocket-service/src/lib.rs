@@ -16,6 +16,9 @@
 //!   the per-device bindings.
 //! - `command`: commands from this replica's queue, delivered to sessions.
 //! - `message`: the AMQP messages the gateway publishes.
+//! - `revocations`: revoked devices from the `mosaic.revocations` stream; readiness
+//!   waits until they are all read.
+//! - `rpc`: requests to device-service (enrol, renew) and their answers.
 //! - [`metrics`]: every metric name of the service.
 //!
 //! ```no_run
@@ -36,6 +39,8 @@ mod gateway;
 mod message;
 pub mod metrics;
 mod registry;
+mod revocations;
+mod rpc;
 mod server;
 mod session;
 

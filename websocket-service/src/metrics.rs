@@ -34,8 +34,16 @@ pub const UNAUTHENTICATED_SOCKETS: &str = "mosaic_ws_unauthenticated_sockets";
 /// refused with 503 because a connection cap was reached.
 pub const CONNECTIONS_REFUSED: &str = "mosaic_ws_connections_refused_total";
 
+/// Gauge: devices with a revocation this replica knows of.
+pub const REVOKED_DEVICES: &str = "mosaic_ws_revoked_devices";
+/// Counter by `op` (`enrol`, `renew`) and `result` (`token`, `refused`,
+/// `no_service`, `unavailable`): requests to device-service.
+pub const RPC_REQUESTS: &str = "mosaic_ws_rpc_requests_total";
+
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
+    REVOKED_DEVICES,
+    RPC_REQUESTS,
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -107,4 +115,12 @@ pub(crate) fn socket_closed() {
 
 pub(crate) fn connection_refused(limit: &'static str) {
     counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(1);
+}
+
+pub(crate) fn revoked_devices(n: usize) {
+    gauge!(REVOKED_DEVICES).set(n as f64);
+}
+
+pub(crate) fn rpc(op: &'static str, result: &'static str) {
+    counter!(RPC_REQUESTS, "op" => op, "result" => result).increment(1);
 }

@@ -34,6 +34,7 @@ use crate::message::{self, Origin};
 use crate::metrics;
 use crate::registry::{Control, Outbound, Pending, SessionHandle};
 
+mod enrolment;
 mod handshake;
 mod inbound;
 
@@ -52,6 +53,8 @@ pub(super) enum Done {
     Event(Box<str>, Result<(), PublishError>),
     /// Anything else: nothing to tell the device.
     Quiet,
+    /// device-service's answer to a `renew`.
+    Renewed(Result<mosaic_protocol::registry::RpcReply, crate::rpc::RpcError>),
 }
 
 /// How a session ended: the lifecycle reason and the close frame to send, if any.
@@ -77,6 +80,7 @@ impl End {
                 Some((close::TRY_AGAIN_LATER, "broker unavailable; retry later"))
             }
             DisconnectReason::Error => Some((close::INTERNAL_ERROR, "internal error")),
+            DisconnectReason::Revoked => Some((close::FORBIDDEN, "revoked")),
         };
         End { reason, close }
     }
@@ -228,6 +232,7 @@ pub(super) fn expires_at(exp: u64) -> String {
 
 pub(super) struct State {
     origin: Origin,
+    control: Arc<Control>,
     pending: Vec<Pending>,
     inflight: FuturesOrdered<Confirm>,
     bad_frames: u32,
@@ -253,8 +258,14 @@ where
         tx,
         control: control.clone(),
     };
+    control.set_issued_at(identity.iat);
     if let Some(old) = gw.registry.insert(device, handle) {
         old.control.close(DisconnectReason::Replaced);
+    }
+    // A revocation read between the token check and the insert found no session
+    // to close: look again now that this one is registered.
+    if gw.revocations.is_revoked(device, identity.iat) {
+        control.close(DisconnectReason::Revoked);
     }
     metrics::session_opened();
     let mut end = Box::pin(connect(&gw, origin)).await;
@@ -266,6 +277,7 @@ where
     };
     let mut st = State {
         origin,
+        control: control.clone(),
         pending: Vec::new(),
         inflight: FuturesOrdered::new(),
         bad_frames: 0,
@@ -309,7 +321,18 @@ where
                 }
             }
             Some(done) = st.inflight.next(), if !st.inflight.is_empty() => {
-                if let Done::Event(id, result) = done {
+                if let Done::Renewed(reply) = done {
+                    let (frame, identity) = enrolment::renewed(&gw, device, reply);
+                    if let Some(i) = identity {
+                        exp = i.exp;
+                        expires = expiry(exp);
+                        control.set_issued_at(i.iat);
+                    }
+                    let kind = if matches!(frame, ServerFrame::Renewed { .. }) { "renewed" } else { "error" };
+                    if !send(&mut socket, &frame, kind, limits.pong_timeout).await {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
+                } else if let Done::Event(id, result) = done {
                     let (frame, kind) = match result {
                         Ok(()) => (ServerFrame::Ack { id: id.into() }, "ack"),
                         Err(e) => {

@@ -42,6 +42,19 @@ pub mod code {
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The route exists, not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// The route needs a setting this service runs without (`DATABASE_URL`,
+    /// `TOKEN_SIGNING_KEY`).
+    pub const NOT_CONFIGURED: &str = "not_configured";
+    /// PostgreSQL cannot be reached or failed; try again after `Retry-After`.
+    pub const DATABASE_UNAVAILABLE: &str = "database_unavailable";
+    /// No device with this id in the registry.
+    pub const DEVICE_NOT_FOUND: &str = "device_not_found";
+    /// A device with this id is in the registry.
+    pub const DEVICE_EXISTS: &str = "device_exists";
+    /// Another device has this `external_id`.
+    pub const EXTERNAL_ID_EXISTS: &str = "external_id_exists";
+    /// The device is disabled (no enrolment code for it).
+    pub const DEVICE_DISABLED: &str = "device_disabled";
 }
 
 /// An API error: a status, a snake_case code and a message for Hive's developers.

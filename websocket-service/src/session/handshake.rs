@@ -59,9 +59,13 @@ where
             Some(Ok(_)) => continue,
         };
         match parsed {
+            Ok(ClientFrame::Enrol { code }) => {
+                metrics::frame_in("enrol");
+                return super::enrolment::enrol(gw, socket, code).await;
+            }
             Ok(ClientFrame::Auth { token }) => {
                 metrics::frame_in("auth");
-                return match gw.verifier.verify(&token) {
+                return match gw.verify(&token) {
                     Ok(i) => Some(i),
                     Err(e) => {
                         refuse(socket, e, limits.pong_timeout).await;
@@ -73,7 +77,7 @@ where
                 bad += 1;
                 let message = match other {
                     Err(e) => e.message,
-                    Ok(_) => "authenticate first with an auth frame".to_owned(),
+                    Ok(_) => "authenticate first with an auth (or enrol) frame".to_owned(),
                 };
                 let f = ServerFrame::error(code::BAD_FRAME, message);
                 if !send(socket, &f, "error", limits.pong_timeout).await {
