@@ -6,10 +6,12 @@
 //! - `fleet`: presence, the connected-device listing, kick, group events and
 //!   scatter-gather requests.
 //! - `docs`: the OpenAPI entries of the routes served without auth.
+//! - `devices`: the device registry, enrolment codes, and the public JWKS.
 //! - `auth`: the bearer tokens; `error`: the one error shape and the JSON extractor.
 
 mod auth;
 mod commands;
+mod devices;
 mod docs;
 mod error;
 mod fleet;
@@ -47,6 +49,8 @@ pub struct ApiState {
     pub commands: Arc<Commands>,
     /// Presence, listing, kick, groups and scatter-gather requests.
     pub fleet: Arc<crate::fleet::Fleet>,
+    /// The device registry and enrolment.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 #[derive(OpenApi)]
@@ -56,7 +60,12 @@ pub struct ApiState {
         description = "Events and confirmed requests from Hive to devices; the fleet: presence, listing, kick, groups and scatter-gather requests."
     ),
     paths(docs::healthz, docs::readyz, docs::metrics, docs::openapi),
-    components(schemas(fleet::SummaryLine, fleet::Summary, fleet::AnswerLine)),
+    components(schemas(
+        fleet::SummaryLine,
+        fleet::Summary,
+        fleet::AnswerLine,
+        fleet::DeviceList
+    )),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -73,22 +82,42 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Bounds on what a client sends: the body's size and how long it may take to arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest body, in bytes (413 beyond).
+    pub max_bytes: usize,
+    /// Longest a body may take to arrive once the headers are in (408 beyond).
+    pub timeout: std::time::Duration,
+}
+
 /// The whole HTTP app: `/v1` behind bearer auth, `/openapi.json`, and `health`
 /// (`/healthz`, `/readyz`, `/metrics`) without auth.
-pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Router) -> Router {
+pub fn router(state: ApiState, tokens: Tokens, body: BodyLimits, health: Router) -> Router {
     let (v1, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(commands::send_event))
         .routes(routes!(commands::send_request))
         .routes(routes!(commands::broadcast_event))
         .routes(routes!(fleet::presence))
         .routes(routes!(fleet::kick))
-        .routes(routes!(fleet::list_devices))
         .routes(routes!(fleet::group_event))
         .routes(routes!(fleet::group_request))
         .routes(routes!(fleet::broadcast_request))
+        .routes(routes!(devices::list_devices, devices::create_device))
+        .routes(routes!(
+            devices::get_device,
+            devices::patch_device,
+            devices::delete_device
+        ))
+        .routes(routes!(devices::create_enrolment))
+        .with_state(state.clone())
+        .split_for_parts();
+    let (public, public_doc) = OpenApiRouter::new()
+        .routes(routes!(devices::jwks))
         .with_state(state)
         .split_for_parts();
     let mut openapi = openapi;
+    openapi.merge(public_doc);
     // The bodies take any extra top-level field (`#[serde(flatten)]`).
     if let Some(components) = openapi.components.as_mut() {
         for name in ["EventBody", "RequestBody", "FanoutBody"] {
@@ -107,6 +136,7 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
     );
     Router::new()
         .merge(v1)
+        .merge(public)
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -130,7 +160,8 @@ pub fn router(state: ApiState, tokens: Tokens, max_body_bytes: usize, health: Ro
                 "method not allowed on this route",
             )
         })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
+        .layer(axum::Extension(error::BodyTimeout(body.timeout)))
 }
 
 pub(crate) fn finish<T: IntoResponse>(
@@ -201,8 +232,18 @@ mod tests {
                 reply_queue: "replies".into(),
             }),
             fleet,
+            registry: Arc::new(crate::registry::Registry::new(
+                None,
+                None,
+                Arc::default(),
+                mosaic_runtime::health::Readiness::new(),
+            )),
         };
-        router(state, Tokens::new([TOKEN]), max_body_bytes, Router::new())
+        let body = BodyLimits {
+            max_bytes: max_body_bytes,
+            timeout: Duration::from_millis(300),
+        };
+        router(state, Tokens::new([TOKEN]), body, Router::new())
     }
 
     async fn call(app: Router, req: Request<Body>) -> (StatusCode, Value) {
@@ -224,6 +265,24 @@ mod tests {
     }
 
     const DEV: &str = "/v1/devices/0192b9b4-7d2e-7cc1-9a4e-000000000001";
+
+    #[tokio::test]
+    async fn a_body_that_never_arrives_is_408_in_bounded_time() {
+        // Headers in, body trickling forever: the request is answered, not held.
+        let body = Body::from_stream(futures_util::stream::pending::<
+            Result<Vec<u8>, std::io::Error>,
+        >());
+        let req = Request::post(format!("{DEV}/events"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(body)
+            .unwrap();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), call(app(), req))
+            .await
+            .expect("an answer within the bound");
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+        assert_eq!(body["error"]["code"], code::REQUEST_TIMEOUT);
+    }
 
     #[tokio::test]
     async fn errors_have_one_shape() {
@@ -409,13 +468,19 @@ mod tests {
     }
 
     /// Every route the router serves, with its method.
-    const SERVED: [(&str, &str); 13] = [
+    const SERVED: [(&str, &str); 19] = [
         ("post", "/v1/devices/{device}/events"),
         ("post", "/v1/devices/{device}/requests"),
         ("post", "/v1/broadcast/events"),
         ("get", "/v1/devices/{device}/presence"),
         ("delete", "/v1/devices/{device}/session"),
         ("get", "/v1/devices"),
+        ("post", "/v1/devices"),
+        ("get", "/v1/devices/{device}"),
+        ("patch", "/v1/devices/{device}"),
+        ("delete", "/v1/devices/{device}"),
+        ("post", "/v1/devices/{device}/enrolments"),
+        ("get", "/v1/jwks.json"),
         ("post", "/v1/groups/{group}/events"),
         ("post", "/v1/groups/{group}/requests"),
         ("post", "/v1/broadcast/requests"),
@@ -451,8 +516,18 @@ mod tests {
                     reply_queue: "replies".into(),
                 }),
                 fleet,
+                registry: Arc::new(crate::registry::Registry::new(
+                    None,
+                    None,
+                    Arc::default(),
+                    mosaic_runtime::health::Readiness::new(),
+                )),
             };
-            router(state, Tokens::new([TOKEN]), 1024, health.clone())
+            let body = BodyLimits {
+                max_bytes: 1024,
+                timeout: Duration::from_millis(300),
+            };
+            router(state, Tokens::new([TOKEN]), body, health.clone())
         };
         // Each route served is documented...
         for (method, path) in SERVED {

@@ -34,9 +34,25 @@ pub const GATEWAY_LOST_SESSIONS: &str = "mosaic_device_gateway_lost_sessions_tot
 pub const GATEWAYS: &str = "mosaic_device_gateways";
 /// Gauge: 1 while this replica leads the fleet's gateway-loss announcements.
 pub const LEADER: &str = "mosaic_device_fleet_leader";
+/// Committed registry changes, by `change` (`created`, `updated`, `deleted`, `activated`).
+pub const REGISTRY_CHANGES: &str = "mosaic_device_registry_changes_total";
+/// Outbox messages the broker confirmed (then removed from the outbox).
+pub const OUTBOX_PUBLISHED: &str = "mosaic_device_outbox_published_total";
+/// Gauge: messages waiting in the outbox, as of the last drain.
+pub const OUTBOX_PENDING: &str = "mosaic_device_outbox_pending";
+/// Enrolment events, by `outcome` (`issued`, `enrolled`, `refused`, `not_configured`).
+pub const ENROLMENTS: &str = "mosaic_device_enrolments_total";
+/// Device tokens minted, by `reason` (`enrol`, `renew`).
+pub const TOKENS_MINTED: &str = "mosaic_device_tokens_minted_total";
+/// Gauge: 1 while PostgreSQL answers and the schema is migrated, else 0.
+pub const DATABASE_UP: &str = "mosaic_device_database_up";
+/// Sightings (`last_seen`, activation) not recorded, by `reason` (`full`, `database`).
+pub const SIGHTINGS_DROPPED: &str = "mosaic_device_sightings_dropped_total";
+/// Gateway requests (enrol, renew) answered, by `op` and `result`.
+pub const RPC_REQUESTS: &str = "mosaic_device_rpc_requests_total";
 
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 22] = [
     DELIVERIES,
     DELIVERY_ATTEMPTS,
     HIVE_SECONDS,
@@ -51,6 +67,14 @@ pub const ALL: [&str; 14] = [
     GATEWAY_LOST_SESSIONS,
     GATEWAYS,
     LEADER,
+    REGISTRY_CHANGES,
+    OUTBOX_PUBLISHED,
+    OUTBOX_PENDING,
+    ENROLMENTS,
+    TOKENS_MINTED,
+    DATABASE_UP,
+    SIGHTINGS_DROPPED,
+    RPC_REQUESTS,
 ];
 
 /// A fleet call ended.
@@ -95,6 +119,46 @@ pub fn gateway_lost_sessions(n: usize) {
 pub fn fleet_state(gateways: usize, leader: bool) {
     metrics::gauge!(GATEWAYS).set(gateways as f64);
     metrics::gauge!(LEADER).set(if leader { 1.0 } else { 0.0 });
+}
+
+/// A registry change committed.
+pub fn registry_change(change: &'static str) {
+    metrics::counter!(REGISTRY_CHANGES, "change" => change).increment(1);
+}
+
+/// `n` outbox messages confirmed; `pending` still wait.
+pub fn outbox_published(n: usize) {
+    metrics::counter!(OUTBOX_PUBLISHED).increment(n as u64);
+}
+
+/// Messages waiting in the outbox.
+pub fn outbox_pending(n: i64) {
+    metrics::gauge!(OUTBOX_PENDING).set(n as f64);
+}
+
+/// An enrolment event.
+pub fn enrolment(outcome: &'static str) {
+    metrics::counter!(ENROLMENTS, "outcome" => outcome).increment(1);
+}
+
+/// A token minted.
+pub fn token_minted(reason: &'static str) {
+    metrics::counter!(TOKENS_MINTED, "reason" => reason).increment(1);
+}
+
+/// Whether PostgreSQL is up.
+pub fn database_up(up: bool) {
+    metrics::gauge!(DATABASE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Sightings not recorded.
+pub fn sightings_dropped(reason: &'static str, n: usize) {
+    metrics::counter!(SIGHTINGS_DROPPED, "reason" => reason).increment(n as u64);
+}
+
+/// A gateway request answered.
+pub fn rpc(op: &'static str, result: &'static str) {
+    metrics::counter!(RPC_REQUESTS, "op" => op, "result" => result).increment(1);
 }
 
 /// A delivery left this replica: acked after Hive's 2xx, dead-lettered, or handed back.

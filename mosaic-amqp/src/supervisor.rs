@@ -60,6 +60,8 @@ pub struct Consume {
     pub exclusive: bool,
     /// Capacity of the channel the deliveries leave through.
     pub buffer: usize,
+    /// Arguments of `basic.consume` (a stream's `x-stream-offset`, say); usually empty.
+    pub arguments: FieldTable,
 }
 
 /// A delivery, with the link it came on (ack it there; once [`Link::lost`] is
@@ -329,7 +331,7 @@ async fn build(
                         exclusive: c.exclusive,
                         ..Default::default()
                     },
-                    FieldTable::default(),
+                    c.arguments.clone(),
                 )
                 .await?;
             tags.push(consumer.tag());

@@ -44,6 +44,7 @@ fn start(urls: Vec<String>, q: &str, runs: Arc<AtomicUsize>) -> (Amqp, mpsc::Rec
             no_ack: false,
             exclusive: true,
             buffer: 16,
+            arguments: FieldTable::default(),
         }],
     };
     let (amqp, mut rx) = Amqp::start(settings(urls), plan, move |ch| {

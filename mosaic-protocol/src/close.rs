@@ -14,7 +14,8 @@ pub const INTERNAL_ERROR: u16 = 1011;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Bad token, or the token expired without refresh.
 pub const UNAUTHORIZED: u16 = 4401;
-/// A refresh token named a different device (`sub`).
+/// A refresh token named a different device (`sub`), or the device's tokens were
+/// revoked (reason "revoked").
 pub const FORBIDDEN: u16 = 4403;
 /// No `auth` frame within the auth timeout.
 pub const AUTH_TIMEOUT: u16 = 4408;
@@ -54,6 +55,9 @@ pub enum DisconnectReason {
     GatewayLost,
     /// Anything else: an I/O error on the socket.
     Error,
+    /// The device was disabled or deleted in the registry (closed with 4403
+    /// "revoked").
+    Revoked,
 }
 
 impl DisconnectReason {
@@ -72,6 +76,7 @@ impl DisconnectReason {
             DisconnectReason::Kicked => "kicked",
             DisconnectReason::GatewayLost => "gateway_lost",
             DisconnectReason::Error => "error",
+            DisconnectReason::Revoked => "revoked",
         }
     }
 }

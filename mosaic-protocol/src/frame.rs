@@ -39,6 +39,8 @@ pub mod code {
     /// `nack`: no queue takes the message (nothing consumes device events yet, for
     /// instance before device-service first started); send it again later.
     pub const UNROUTABLE: &str = "unroutable";
+    /// `renew`: the device is not in the registry, or is disabled.
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 /// A frame a device sends.
@@ -66,6 +68,14 @@ pub enum ClientFrame {
         /// The device's answer.
         data: Value,
     },
+    /// `{"type":"enrol","code":"<one-time code>"}`: instead of `auth`, a device
+    /// without a token trades an enrolment code for one.
+    Enrol {
+        /// The one-time code. Never log it.
+        code: String,
+    },
+    /// `{"type":"renew"}`: an authenticated device asks for a fresh token.
+    Renew,
 }
 
 /// An event sent by a device.
@@ -172,6 +182,10 @@ impl ClientFrame {
                     extra: obj,
                 }))
             }
+            "enrol" => Ok(ClientFrame::Enrol {
+                code: take_string(&mut obj, "code")?,
+            }),
+            "renew" => Ok(ClientFrame::Renew),
             "response" => {
                 let request_id = take_string(&mut obj, "request_id")?;
                 let status = take_string(&mut obj, "status")?;
@@ -246,6 +260,22 @@ pub enum ServerFrame {
         code: String,
         /// What was wrong.
         message: String,
+    },
+    /// An enrolment code was accepted: the device's first token. `welcome` follows.
+    Enrolled {
+        /// The device the code was issued for.
+        device: Uuid,
+        /// Its token (a JWT); keep it for the next connections.
+        token: String,
+        /// When the token expires, RFC 3339.
+        expires_at: String,
+    },
+    /// A `renew` was granted: a fresh token, which the session now runs under.
+    Renewed {
+        /// The new token (a JWT).
+        token: String,
+        /// When it expires, RFC 3339.
+        expires_at: String,
     },
     /// An event from Hive.
     Event {
@@ -439,6 +469,31 @@ mod tests {
             panic!()
         };
         assert_eq!(e.data, json!([u64::MAX, i64::MIN]));
+    }
+
+    #[test]
+    fn enrol_and_renew_frames() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"enrol","code":"ABCD"}"#).unwrap(),
+            ClientFrame::Enrol {
+                code: "ABCD".into()
+            }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"renew"}"#).unwrap(),
+            ClientFrame::Renew
+        );
+        for bad in [r#"{"type":"enrol"}"#, r#"{"type":"enrol","code":7}"#] {
+            assert_eq!(ClientFrame::parse(bad).unwrap_err().code, code::BAD_FRAME);
+        }
+        let f = ServerFrame::Renewed {
+            token: "t".into(),
+            expires_at: "e".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            json!({"type":"renewed","token":"t","expires_at":"e"})
+        );
     }
 
     #[test]

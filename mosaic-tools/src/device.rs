@@ -58,6 +58,35 @@ pub enum Credentials {
         /// Claims (the `sub` is the device).
         spec: TokenSpec,
     },
+    /// A one-time enrolment code: the first connection sends `enrol` instead of
+    /// `auth` and keeps the token the gateway answers with for the next ones.
+    Enrol(Arc<Enrolment>),
+}
+
+/// An enrolment code, and the token it was traded for once it was.
+#[derive(Debug)]
+pub struct Enrolment {
+    code: String,
+    token: std::sync::Mutex<Option<String>>,
+}
+
+impl Enrolment {
+    /// Credentials that enrol with `code`.
+    pub fn credentials(code: impl Into<String>) -> Credentials {
+        Credentials::Enrol(Arc::new(Enrolment {
+            code: code.into(),
+            token: std::sync::Mutex::new(None),
+        }))
+    }
+
+    /// The token received, once enrolled.
+    pub fn token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn store(&self, token: String) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+    }
 }
 
 impl Credentials {
@@ -65,13 +94,22 @@ impl Credentials {
         match self {
             Credentials::Token(t) => Ok(t.clone()),
             Credentials::Mint { signer, spec } => Ok(token::mint(signer, spec)?),
+            Credentials::Enrol(e) => Ok(e.token().unwrap_or_default()),
+        }
+    }
+
+    /// The code to send instead of a token, while not enrolled yet.
+    fn enrol_code(&self) -> Option<&str> {
+        match self {
+            Credentials::Enrol(e) if e.token().is_none() => Some(&e.code),
+            _ => None,
         }
     }
 
     /// When to send a refreshed token: at 80 % of a minted token's lifetime.
     fn refresh_after(&self) -> Option<Duration> {
         match self {
-            Credentials::Token(_) => None,
+            Credentials::Token(_) | Credentials::Enrol(_) => None,
             Credentials::Mint { spec, .. } => {
                 Some(spec.ttl.mul_f64(0.8).max(Duration::from_secs(1)))
             }
@@ -293,7 +331,8 @@ async fn connect(
             .as_str()
             .into_client_request()
             .map_err(|e| SessionEnd::Io(format!("invalid URL: {e}")))?;
-        if !cfg.in_band {
+        let enrol = cfg.credentials.enrol_code();
+        if !cfg.in_band && enrol.is_none() {
             let value = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| SessionEnd::Io("the token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
@@ -318,9 +357,14 @@ async fn connect(
                             "hello (auth within {auth_timeout_ms} ms): sending auth frame"
                         ),
                     );
-                    let mut auth = json!({"type": "auth", "token": token});
-                    declare(&cfg.capabilities, &mut auth);
-                    let auth = auth.to_string();
+                    let auth = match enrol {
+                        Some(code) => json!({"type": "enrol", "code": code}).to_string(),
+                        None => {
+                            let mut auth = json!({"type": "auth", "token": token});
+                            declare(&cfg.capabilities, &mut auth);
+                            auth.to_string()
+                        }
+                    };
                     ws.send(Message::text(auth))
                         .await
                         .map_err(|e| SessionEnd::Io(e.to_string()))?;
@@ -331,7 +375,9 @@ async fn connect(
                     expires_at,
                 } => {
                     let text = format!("device={device} session={session} expires_at={expires_at}");
-                    if !cfg.in_band && !cfg.capabilities.is_empty() {
+                    // Capabilities not declared in an `auth` frame go in a `register`.
+                    let declared = cfg.in_band && enrol.is_none();
+                    if !declared && !cfg.capabilities.is_empty() {
                         let mut register = json!({"type": "register"});
                         declare(&cfg.capabilities, &mut register);
                         let register = register.to_string();
@@ -344,6 +390,20 @@ async fn connect(
                 }
                 ServerFrame::Error { code, message } => {
                     say(cfg, format_args!("<- error {code}: {message}"));
+                }
+                ServerFrame::Enrolled {
+                    device,
+                    expires_at,
+                    token,
+                    ..
+                } => {
+                    say(
+                        cfg,
+                        format_args!("<- enrolled device={device} expires_at={expires_at}"),
+                    );
+                    if let Credentials::Enrol(e) = &cfg.credentials {
+                        e.store(token);
+                    }
                 }
                 other => say(cfg, format_args!("<- unexpected before welcome: {other:?}")),
             }
@@ -516,6 +576,10 @@ async fn on_frame(
         ServerFrame::Error { code, message } => {
             Stats::add(&stats.errors, 1);
             say(cfg, format_args!("<- error {code}: {message}"));
+        }
+        ServerFrame::Enrolled { .. } => say(cfg, format_args!("<- enrolled")),
+        ServerFrame::Renewed { expires_at, .. } => {
+            say(cfg, format_args!("<- renewed, expires_at={expires_at}"))
         }
         ServerFrame::Event {
             id,

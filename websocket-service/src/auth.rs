@@ -67,6 +67,10 @@ pub enum AuthError {
     /// A required claim is missing, or `aud`/`iss`/`sub` is wrong.
     #[error("invalid claims")]
     Claims,
+    /// The device was disabled or deleted after this token was issued (its `iat`),
+    /// or the token has no `iat` and the device was ever revoked.
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -80,6 +84,7 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
             AuthError::Claims => "claims",
+            AuthError::Revoked => "revoked",
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct Identity {
     pub exp: u64,
     /// The `groups` claim: sorted, each once; empty when absent or `null`.
     pub groups: Vec<String>,
+    /// `iat`, seconds since the Unix epoch, when the token has one.
+    pub iat: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,9 +149,16 @@ struct Claims {
     sub: String,
     exp: u64,
     groups: Option<serde_json::Value>,
+    iat: Option<u64>,
 }
 
 impl Verifier {
+    /// The clock skew allowed on `exp` and `nbf`, in seconds (`JWT_LEEWAY_SECS`): a
+    /// session accepted within it lasts until `exp` plus the leeway.
+    pub fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
     /// Loads the keys named by the configuration.
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
         let mut v = Verifier {
@@ -268,6 +282,7 @@ impl Verifier {
             device,
             exp: data.claims.exp,
             groups,
+            iat: data.claims.iat,
         })
     }
 }

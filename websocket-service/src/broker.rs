@@ -8,6 +8,10 @@
 //! ([`Broker::start`] returns its receiver); what to bind again after a reconnect
 //! comes in through the [`Held`] callback. This module knows nothing of sessions.
 //!
+//! The revocations stream (`mosaic.revocations`, see `mosaic_protocol::registry`)
+//! is declared here too and consumed from its first entry on a channel of its own;
+//! its deliveries leave through a second receiver ([`Broker::start`]).
+//!
 //! Each device is served by one publish channel (picked from its id), so its events,
 //! lifecycle messages and bindings reach the broker in order.
 //!
@@ -35,7 +39,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 use mosaic_amqp::{Amqp, Consume, Incoming, Link, Plan, Publish, Routed, Settings};
-use mosaic_protocol::exchange;
+use mosaic_protocol::{exchange, registry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -50,6 +54,8 @@ const PUBLISH_CHANNELS: usize = 4;
 const COMMAND_PREFETCH: u16 = 512;
 /// Topology operations waiting for the topology task.
 const TOPOLOGY_QUEUE: usize = 4096;
+/// Revocations delivered and not yet acknowledged (a stream needs a prefetch).
+const REVOCATIONS_PREFETCH: u16 = 1000;
 
 /// Why a message was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -147,23 +153,39 @@ impl Broker {
     }
 
     /// Starts the supervised link and the topology task; returns this replica's
-    /// command deliveries. Call once.
+    /// command deliveries and the revocations stream's. Call once.
     pub fn start(
         self: &Arc<Self>,
         settings: Settings,
         held: Arc<dyn Held>,
-    ) -> mpsc::Receiver<Incoming> {
+    ) -> (mpsc::Receiver<Incoming>, mpsc::Receiver<Incoming>) {
         let queue = ShortString::from(self.queue.clone());
         let plan = Plan {
             publishers: PUBLISH_CHANNELS,
-            consumers: vec![Consume {
-                queue: queue.clone(),
-                tag: ShortString::from(format!("{}-consumer", self.queue)),
-                prefetch: COMMAND_PREFETCH,
-                no_ack: false,
-                exclusive: true,
-                buffer: usize::from(COMMAND_PREFETCH),
-            }],
+            consumers: vec![
+                Consume {
+                    queue: queue.clone(),
+                    tag: ShortString::from(format!("{}-consumer", self.queue)),
+                    prefetch: COMMAND_PREFETCH,
+                    no_ack: false,
+                    exclusive: true,
+                    buffer: usize::from(COMMAND_PREFETCH),
+                    arguments: FieldTable::default(),
+                },
+                Consume {
+                    queue: registry::REVOCATIONS_STREAM.into(),
+                    tag: ShortString::from(format!("{}-revocations", self.queue)),
+                    prefetch: REVOCATIONS_PREFETCH,
+                    no_ack: false,
+                    exclusive: false,
+                    buffer: usize::from(REVOCATIONS_PREFETCH),
+                    arguments: {
+                        let mut t = FieldTable::default();
+                        t.insert("x-stream-offset".into(), long("first"));
+                        t
+                    },
+                },
+            ],
         };
         let lost_key = ShortString::from(exchange::gateway_lost_key(self.gateway));
         let (amqp, mut rx) = Amqp::start(settings, plan, move |ch| {
@@ -175,7 +197,18 @@ impl Broker {
         if let Some(ops) = ops {
             tokio::spawn(topology_task(self.clone(), held, ops, links));
         }
-        rx.remove(0)
+        let revocations = rx.remove(1);
+        (rx.remove(0), revocations)
+    }
+
+    /// Follows the link (`None` before [`Broker::start`]).
+    pub fn links(&self) -> Option<watch::Receiver<Option<Arc<Link>>>> {
+        self.amqp.get().map(Amqp::watch)
+    }
+
+    /// The current link's generation, when connected.
+    pub fn generation(&self) -> Option<u64> {
+        self.link().map(|l| l.generation())
     }
 
     /// Closes the link (bounded); nothing is published afterwards.
@@ -307,6 +340,11 @@ impl Broker {
     }
 }
 
+/// A header or argument value as a `LongString`.
+fn long(s: &str) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString(s.into())
+}
+
 /// The publish channel of a device.
 fn channel_of(device: Uuid) -> usize {
     (device.as_u128() % PUBLISH_CHANNELS as u128) as usize
@@ -346,6 +384,18 @@ async fn declare(
         exchange::ALL_DEVICES.into(),
         ExchangeBindOptions::default(),
         FieldTable::default(),
+    )
+    .await?;
+    let mut stream = FieldTable::default();
+    stream.insert("x-queue-type".into(), long("stream"));
+    stream.insert("x-max-age".into(), long(registry::REVOCATIONS_MAX_AGE));
+    ch.queue_declare(
+        registry::REVOCATIONS_STREAM.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        stream,
     )
     .await?;
     ch.queue_declare(

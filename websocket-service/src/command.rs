@@ -76,6 +76,11 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         },
         None => Map::new(),
     };
+    if header_str(&headers, header::KIND) == Some(mosaic_protocol::registry::KIND_RPC_REPLY) {
+        // device-service's answer to an enrol or renew of this replica.
+        gw.rpc.answer(d);
+        return;
+    }
     let Some(kind) = header_str(&headers, header::KIND).and_then(Kind::parse) else {
         tracing::warn!(routing_key = %d.routing_key, "command without a known kind dropped");
         return;

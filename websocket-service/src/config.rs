@@ -144,6 +144,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
     pub max_http_connections: u64,
 
+    /// Longest wait for device-service to answer an `enrol` or `renew`, in
+    /// milliseconds.
+    #[arg(long, env = "RPC_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub rpc_timeout_ms: u64,
+
     /// This replica's id (names its command queue); a random UUID when unset.
     #[arg(long, env = "GATEWAY_ID")]
     pub gateway_id: Option<Uuid>,

@@ -19,6 +19,9 @@
 //!   and its answers to device-service's fleet commands (presence, kick, listing,
 //!   scatter-gather requests).
 //! - `message`: the AMQP messages the gateway publishes.
+//! - `revocations`: revoked devices from the `mosaic.revocations` stream; readiness
+//!   waits until they are all read.
+//! - `rpc`: requests to device-service (enrol, renew) and their answers.
 //! - [`metrics`]: every metric name of the service.
 //!
 //! ```no_run
@@ -40,6 +43,8 @@ mod gateway;
 mod message;
 pub mod metrics;
 mod registry;
+mod revocations;
+mod rpc;
 mod server;
 mod session;
 

@@ -41,9 +41,16 @@ pub const FLEET_COMMANDS: &str = "mosaic_ws_fleet_commands_total";
 pub const FANOUT_ASKED: &str = "mosaic_ws_fanout_asked_total";
 /// Counter: announcements this replica published on `mosaic.fleet`.
 pub const ANNOUNCEMENTS: &str = "mosaic_ws_fleet_announcements_total";
+/// Gauge: devices with a revocation this replica knows of.
+pub const REVOKED_DEVICES: &str = "mosaic_ws_revoked_devices";
+/// Counter by `op` (`enrol`, `renew`) and `result` (`token`, `refused`,
+/// `no_service`, `unavailable`): requests to device-service.
+pub const RPC_REQUESTS: &str = "mosaic_ws_rpc_requests_total";
 
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
+    REVOKED_DEVICES,
+    RPC_REQUESTS,
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -130,4 +137,12 @@ pub(crate) fn socket_closed() {
 
 pub(crate) fn connection_refused(limit: &'static str) {
     counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(1);
+}
+
+pub(crate) fn revoked_devices(n: usize) {
+    gauge!(REVOKED_DEVICES).set(n as f64);
+}
+
+pub(crate) fn rpc(op: &'static str, result: &'static str) {
+    counter!(RPC_REQUESTS, "op" => op, "result" => result).increment(1);
 }

@@ -50,13 +50,16 @@ pub(crate) struct Pending {
 pub(crate) struct Control {
     reason: AtomicU8,
     notify: Notify,
+    /// The `iat` of the token the session runs under (0: none), for revocations.
+    issued_at: std::sync::atomic::AtomicU64,
 }
 
-const REASONS: [DisconnectReason; 4] = [
+const REASONS: [DisconnectReason; 5] = [
     DisconnectReason::Replaced,
     DisconnectReason::SlowConsumer,
     DisconnectReason::Error,
     DisconnectReason::Kicked,
+    DisconnectReason::Revoked,
 ];
 
 impl Control {
@@ -67,6 +70,16 @@ impl Control {
             .reason
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.notify.notify_one();
+    }
+
+    /// Records the `iat` of the session's current token.
+    pub fn set_issued_at(&self, iat: Option<u64>) {
+        self.issued_at.store(iat.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The `iat` of the session's current token (`None`: the token has none).
+    pub fn issued_at(&self) -> Option<u64> {
+        Some(self.issued_at.load(Ordering::Acquire)).filter(|i| *i != 0)
     }
 
     /// Resolves once [`Control::close`] was called, with its reason.

@@ -72,8 +72,9 @@ pub async fn run(
     );
 
     let settings = config.broker.settings("websocket-service", id.to_string());
-    let commands = gw.broker.start(settings, gw.registry.clone());
+    let (commands, revocations) = gw.broker.start(settings, gw.registry.clone());
     tokio::spawn(command::run(gw.clone(), commands));
+    tokio::spawn(crate::revocations::run(gw.clone(), revocations));
     tokio::spawn(gw.clone().follow_broker());
     tokio::spawn(crate::fleet::announce(gw.clone()));
 
@@ -232,7 +233,7 @@ async fn connect(
                 metrics::auth_failure("malformed");
                 return unauthorized("expected `Authorization: Bearer <jwt>`");
             };
-            match gw.verifier.verify(token) {
+            match gw.verify(token) {
                 Ok(i) => Some(i),
                 Err(e) => {
                     metrics::auth_failure(e.as_str());

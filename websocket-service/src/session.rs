@@ -35,6 +35,7 @@ use crate::message::{self, Origin};
 use crate::metrics;
 use crate::registry::{Control, Outbound, Pending, SessionHandle, SessionInfo};
 
+mod enrolment;
 mod handshake;
 mod inbound;
 
@@ -53,6 +54,8 @@ pub(super) enum Done {
     Event(Box<str>, Result<(), PublishError>),
     /// Anything else: nothing to tell the device.
     Quiet,
+    /// device-service's answer to a `renew`.
+    Renewed(Result<mosaic_protocol::registry::RpcReply, crate::rpc::RpcError>),
 }
 
 /// How a session ended: the lifecycle reason and the close frame to send, if any.
@@ -81,6 +84,7 @@ impl End {
             DisconnectReason::GatewayLost | DisconnectReason::Error => {
                 Some((close::INTERNAL_ERROR, "internal error"))
             }
+            DisconnectReason::Revoked => Some((close::FORBIDDEN, "revoked")),
         };
         End { reason, close }
     }
@@ -233,6 +237,7 @@ pub(super) fn expires_at(exp: u64) -> String {
 pub(super) struct State {
     origin: Origin,
     info: Arc<SessionInfo>,
+    control: Arc<Control>,
     pending: Vec<Pending>,
     inflight: FuturesOrdered<Confirm>,
     bad_frames: u32,
@@ -270,8 +275,14 @@ async fn run_session<S, E>(
         control: control.clone(),
         info: info.clone(),
     };
+    control.set_issued_at(identity.iat);
     if let Some(old) = gw.registry.insert(device, handle) {
         old.control.close(DisconnectReason::Replaced);
+    }
+    // A revocation read between the token check and the insert found no session
+    // to close: look again now that this one is registered.
+    if gw.revocations.is_revoked(device, identity.iat) {
+        control.close(DisconnectReason::Revoked);
     }
     metrics::session_opened();
     let mut end = Box::pin(connect(&gw, origin, &info)).await;
@@ -284,6 +295,7 @@ async fn run_session<S, E>(
     let mut st = State {
         origin,
         info,
+        control: control.clone(),
         pending: Vec::new(),
         inflight: FuturesOrdered::new(),
         bad_frames: 0,
@@ -305,7 +317,8 @@ async fn run_session<S, E>(
             end = Some(End::new(DisconnectReason::Error));
         }
     }
-    let mut expires = expiry(exp);
+    let leeway = gw.verifier.leeway();
+    let mut expires = expiry(exp.saturating_add(leeway));
     let mut next_ping = Instant::now() + limits.ping_interval;
     let mut pong_deadline: Option<Instant> = None;
     // A frame read but held back by the rate limit, and when it may go on.
@@ -339,7 +352,18 @@ async fn run_session<S, E>(
                 }
             }
             Some(done) = st.inflight.next(), if !st.inflight.is_empty() => {
-                if let Done::Event(id, result) = done {
+                if let Done::Renewed(reply) = done {
+                    let (frame, identity) = enrolment::renewed(&gw, device, reply);
+                    if let Some(i) = identity {
+                        exp = i.exp;
+                        expires = expiry(exp);
+                        control.set_issued_at(i.iat);
+                    }
+                    let kind = if matches!(frame, ServerFrame::Renewed { .. }) { "renewed" } else { "error" };
+                    if !send(&mut socket, &frame, kind, limits.pong_timeout).await {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
+                } else if let Done::Event(id, result) = done {
                     let (frame, kind) = match result {
                         Ok(()) => (ServerFrame::Ack { id: id.into() }, "ack"),
                         Err(e) => {
@@ -404,7 +428,7 @@ async fn run_session<S, E>(
                     let before = exp;
                     end = Box::pin(handle_text(&gw, &mut socket, &mut st, &mut exp, frame)).await;
                     if exp != before {
-                        expires = expiry(exp);
+                        expires = expiry(exp.saturating_add(leeway));
                     }
                 }
                 Err(at) => {

@@ -44,8 +44,23 @@ pub mod code {
     pub const GATEWAY_TIMEOUT: &str = "gateway_timeout";
     /// No such route.
     pub const NOT_FOUND: &str = "not_found";
+    /// The request body did not arrive within the time allowed.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The route exists, not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// The route needs a setting this service runs without (`DATABASE_URL`,
+    /// `TOKEN_SIGNING_KEY`).
+    pub const NOT_CONFIGURED: &str = "not_configured";
+    /// PostgreSQL cannot be reached or failed; try again after `Retry-After`.
+    pub const DATABASE_UNAVAILABLE: &str = "database_unavailable";
+    /// No device with this id in the registry.
+    pub const DEVICE_NOT_FOUND: &str = "device_not_found";
+    /// A device with this id is in the registry.
+    pub const DEVICE_EXISTS: &str = "device_exists";
+    /// Another device has this `external_id`.
+    pub const EXTERNAL_ID_EXISTS: &str = "external_id_exists";
+    /// The device is disabled (no enrolment code for it).
+    pub const DEVICE_DISABLED: &str = "device_disabled";
 }
 
 /// An API error: a status, a snake_case code and a message for Hive's developers.
@@ -160,6 +175,11 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// How long a request body may take to arrive once its headers are in (a request
+/// extension the router sets; without it, no bound).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
 /// A JSON body, as `axum::Json` reads it (JSON content type, body limit), with its
 /// rejections in the API's error shape, and numbers exact: see [`parse_body`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -176,9 +196,20 @@ where
         if !json_content_type(req.headers()) {
             return Err(JsonRejection::from(MissingJsonContentType::default()).into());
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(JsonRejection::from)?;
+        // A client that trickles its body holds a connection and a task: bounded.
+        let timeout = req.extensions().get::<BodyTimeout>().map(|t| t.0);
+        let read = Bytes::from_request(req, state);
+        let bytes = match timeout {
+            Some(t) => tokio::time::timeout(t, read).await.map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    code::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                )
+            })?,
+            None => read.await,
+        }
+        .map_err(JsonRejection::from)?;
         parse_body(&bytes).map(ApiJson)
     }
 }

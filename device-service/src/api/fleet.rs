@@ -2,14 +2,13 @@
 //! scatter-gather requests to a group or to every device. HTTP only: the work is
 //! `crate::fleet`'s.
 //!
-//! `GET /v1/devices` is shared with the registry listing: this module answers it
-//! when the query says `connected=true` ([`list_connected`]).
+//! `GET /v1/devices` is shared with the registry listing (`api::devices`): with
+//! `connected=true` that handler calls [`list_connected`] here.
 
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -94,6 +93,10 @@ pub struct PresenceBody {
     /// The session, when connected (its fields sit at the top level).
     #[serde(flatten)]
     pub session: Option<DeviceEntry>,
+    /// When not connected and a registry is configured: the time of its latest
+    /// connect or disconnect (RFC 3339), `null` when never seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Option<String>>,
 }
 
 /// One page of connected devices.
@@ -268,7 +271,7 @@ fn check_group(group: &str) -> Result<(), ApiError> {
     path = "/v1/devices/{device}/presence",
     params(("device" = Uuid, Path, description = "The device's UUID")),
     responses(
-        (status = 200, description = "`{\"connected\":false}`, or `connected: true` with its session", body = PresenceBody),
+        (status = 200, description = "`{\"connected\":false}` (with `last_seen` when the registry knows the device), or `connected: true` with its session", body = PresenceBody),
         (status = 400, description = "`bad_device_id`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 503, description = "`broker_unavailable`; `overloaded`: too many pending calls", body = ErrorBody),
@@ -283,14 +286,32 @@ pub(super) async fn presence(
     let started = Instant::now();
     let res = async {
         let device = parse_device(&device)?;
-        let p = state.fleet.presence(device).await?;
-        Ok::<_, ApiError>(axum::Json(PresenceBody {
-            connected: p.connected,
-            session: p.session.map(Into::into),
-        }))
+        Ok::<_, ApiError>(axum::Json(presence_of(&state, device).await?))
     }
     .await;
     finish("presence", started, res)
+}
+
+/// A device's presence from the gateways; when it is not connected and the registry
+/// knows it, with `last_seen`.
+pub async fn presence_of(state: &ApiState, device: Uuid) -> Result<PresenceBody, ApiError> {
+    let p = state.fleet.presence(device).await?;
+    let last_seen = if p.connected {
+        None
+    } else {
+        // No registry, or a device it does not hold: no `last_seen`.
+        state
+            .registry
+            .last_seen(device)
+            .await
+            .ok()
+            .map(|t| t.map(crate::registry::rfc3339))
+    };
+    Ok(PresenceBody {
+        connected: p.connected,
+        session: p.session.map(Into::into),
+        last_seen,
+    })
 }
 
 /// Ends a device's session: the device is closed with 4410 `kicked`.
@@ -317,44 +338,6 @@ pub(super) async fn kick(State(state): State<ApiState>, Path(device): Path<Strin
     }
     .await;
     finish("kick", started, res)
-}
-
-/// Lists the connected devices across every gateway replica (with
-/// `connected=true`), in device-id order, paged.
-#[utoipa::path(
-    get,
-    path = "/v1/devices",
-    params(
-        ("connected" = Option<bool>, Query, description = "`true`: the connected devices, from the gateways"),
-        ("group" = Option<String>, Query, description = "Only members of this group"),
-        ("service" = Option<String>, Query, description = "Only devices that declared this service"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000 (default 100)"),
-        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
-    ),
-    responses(
-        (status = 200, description = "One page", body = DeviceList),
-        (status = 400, description = "`bad_request`: a bad `limit` or `cursor`, or no `connected=true`; `bad_group`", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody),
-        (status = 503, description = "`broker_unavailable`", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub(super) async fn list_devices(
-    State(state): State<ApiState>,
-    query: Result<Query<ListParams>, QueryRejection>,
-) -> Response {
-    let started = Instant::now();
-    let res = async {
-        let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-        if !wants_connected(&params) {
-            return Err(ApiError::bad_request(
-                "add `connected=true`: this listing is of connected devices",
-            ));
-        }
-        list_connected(&state, params).await
-    }
-    .await;
-    finish("list", started, res)
 }
 
 /// The connected-device listing of `GET /v1/devices?connected=true`.

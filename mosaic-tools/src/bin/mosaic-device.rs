@@ -57,6 +57,15 @@ struct Args {
     /// mints (and refreshes) its own.
     #[arg(long, env = "MOSAIC_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A one-time enrolment code: the device sends `enrol` instead of `auth` and
+    /// keeps the token it gets for its reconnects (one device only; give --sub).
+    #[arg(
+        long,
+        env = "MOSAIC_ENROL_CODE",
+        hide_env_values = true,
+        conflicts_with = "token"
+    )]
+    enrol_code: Option<String>,
     #[command(flatten)]
     keys: KeySource,
     /// `kid` of minted tokens.
@@ -192,7 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--rate must be a number >= 0");
     }
     let signer = args.keys.signer()?.map(Arc::new);
-    if signer.is_none() && args.token.is_none() {
+    if signer.is_none() && args.token.is_none() && args.enrol_code.is_none() {
         anyhow::bail!("give --token, or --secret/--secret-file/--key to mint tokens (see --help)");
     }
     if args.devices > 1 && (signer.is_none() || args.token.is_some()) {
@@ -212,6 +221,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.devices {
         let (device, credentials) = match (&args.token, &signer) {
+            _ if args.enrol_code.is_some() => (
+                args.sub.unwrap_or_default(),
+                mosaic_tools::device::Enrolment::credentials(
+                    args.enrol_code.clone().unwrap_or_default(),
+                ),
+            ),
             (Some(t), _) => (args.sub.unwrap_or_default(), Credentials::Token(t.clone())),
             (None, Some(signer)) => {
                 let sub = args.sub.unwrap_or_else(Uuid::new_v4);

@@ -240,3 +240,18 @@ fn a_short_secret_is_refused_at_start() {
     assert_eq!(e.setting, "JWT_SECRET");
     assert!(!e.to_string().contains("too-short"));
 }
+
+#[tokio::test]
+async fn a_token_accepted_within_the_leeway_lasts_until_the_leeway_passes() {
+    let vh = broker().vhost("ws-leeway").await;
+    let gw = Gateway::start(&vh.amqp_url, &[("JWT_LEEWAY_SECS", "3")]).await;
+    let dev = Uuid::new_v4();
+    // Expired a second ago, within the leeway: welcomed, and the session is usable
+    // (not closed the moment it starts) until `exp` plus the leeway.
+    let (mut d, _) = Device::connect(gw.addr, &token::hs256(dev, -1)).await;
+    d.send(&json!({"type":"event","name":"t","id":"1"})).await;
+    assert_eq!(d.recv().await, json!({"type":"ack","id":"1"}));
+    let (_, ended) = d.ended_within(Duration::from_secs(10)).await;
+    assert_eq!(ended, Ended::Close(4401, "token expired".into()));
+    gw.stop().await;
+}

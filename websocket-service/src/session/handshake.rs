@@ -74,12 +74,18 @@ where
             _ => Ok(f),
         });
         match parsed {
+            Ok(ClientFrame::Enrol { code }) => {
+                metrics::frame_in("enrol");
+                return super::enrolment::enrol(gw, socket, code)
+                    .await
+                    .map(|i| (i, Capabilities::default()));
+            }
             Ok(ClientFrame::Auth {
                 token,
                 capabilities,
             }) => {
                 metrics::frame_in("auth");
-                return match gw.verifier.verify(&token) {
+                return match gw.verify(&token) {
                     Ok(i) => Some((i, capabilities)),
                     Err(e) => {
                         refuse(socket, e, limits.pong_timeout).await;
@@ -91,7 +97,7 @@ where
                 bad += 1;
                 let message = match other {
                     Err(e) => e.message,
-                    Ok(_) => "authenticate first with an auth frame".to_owned(),
+                    Ok(_) => "authenticate first with an auth (or enrol) frame".to_owned(),
                 };
                 let f = ServerFrame::error(code::BAD_FRAME, message);
                 if !send(socket, &f, "error", limits.pong_timeout).await {

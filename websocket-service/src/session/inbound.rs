@@ -142,15 +142,30 @@ where
                 Err(e) => ServerFrame::error(e.code, e.message),
             }
         }
+        Ok(ClientFrame::Renew) => {
+            metrics::frame_in("renew");
+            st.bad_frames = 0;
+            st.inflight
+                .push_back(super::enrolment::renew(gw, st.origin.device));
+            return None;
+        }
+        Ok(ClientFrame::Enrol { .. }) => {
+            metrics::frame_in("enrol");
+            ServerFrame::error(
+                code::BAD_FRAME,
+                "already authenticated: send renew for a fresh token",
+            )
+        }
         Ok(ClientFrame::Auth {
             token,
             capabilities,
         }) => {
             metrics::frame_in("auth");
-            return match gw.verifier.verify(&token) {
+            return match gw.verify(&token) {
                 Ok(i) if i.device == st.origin.device => {
                     st.bad_frames = 0;
                     *exp = i.exp;
+                    st.control.set_issued_at(i.iat);
                     let f = ServerFrame::Welcome {
                         device: i.device,
                         session: st.origin.session,
