@@ -273,7 +273,7 @@ async fn capabilities_groups_and_their_refusals() {
         ),
         (
             reqwest::Method::GET,
-            "/v1/devices".into(),
+            "/v1/devices?connected=true&enabled=true".into(),
             None,
             400,
             "bad_request",
