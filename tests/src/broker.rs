@@ -105,6 +105,21 @@ impl Broker {
     /// # anyhow::Ok(())
     /// ```
     pub fn start_with(config: &NodeConfig) -> anyhow::Result<Self> {
+        // A port chosen free can be taken by someone else before the node binds it;
+        // the node then fails to boot, and a second choice of ports is made.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(config) {
+                Err(e) if attempt < 3 && e.to_string().contains(PORT_IN_USE) => {
+                    eprintln!("RabbitMQ could not bind a port ({e}); trying other ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(config: &NodeConfig) -> anyhow::Result<Self> {
         check_installed()?;
         let dir = tempfile::Builder::new()
             .prefix("mosaic-rabbit-")
@@ -160,6 +175,17 @@ impl Broker {
                 && let Some(status) = p.watchdog.exited()
             {
                 bail!("RabbitMQ exited during start ({status})");
+            }
+            let out = self
+                .log_dir()
+                .and_then(|d| std::fs::read_to_string(d.join("server.out")).ok())
+                .unwrap_or_default();
+            if out.contains("BOOT FAILED") {
+                let port_clash = out.contains("port_already_used") || out.contains("eaddrinuse");
+                bail!(
+                    "RabbitMQ failed to boot{}:\n{out}",
+                    if port_clash { PORT_IN_USE } else { "" }
+                );
             }
             if started.elapsed() > START_TIMEOUT {
                 let out = self
@@ -285,16 +311,49 @@ rm -rf "$D"
 exit 0
 "#;
 
-/// Distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen).
+/// What a boot failure over a port taken by someone else says (a retry is worth it).
+const PORT_IN_USE: &str = " (a port it was given is in use)";
+
+/// Distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen),
+/// chosen below the kernel's ephemeral range: the kernel never hands those to an
+/// outgoing connection, so a port chosen for a server stays free until the server
+/// binds it, unless another server takes it first.
 pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
+    let below = ephemeral_start().unwrap_or(32768).clamp(11_000, 65_535);
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(N);
+    // xorshift64, seeded at random: no two test processes walk the same ports.
+    let mut x = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+    for _ in 0..10_000 {
+        if listeners.len() == N {
+            break;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 10_000 + (x % u64::from(below - 10_000)) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
+    // Fall back on the kernel's choice if that range is crowded.
+    while listeners.len() < N {
+        listeners.push(TcpListener::bind("127.0.0.1:0")?);
+    }
     let mut ports = [0u16; N];
     for (p, l) in ports.iter_mut().zip(&listeners) {
         *p = l.local_addr()?.port();
     }
     Ok(ports)
+}
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn http_ok(addr: SocketAddr, path: &str) -> bool {
