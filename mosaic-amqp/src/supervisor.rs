@@ -5,9 +5,10 @@
 //! consumer (with its prefetch) and starts the consumers; only then is the link
 //! announced ([`Amqp::link`], [`Amqp::watch`]). Deliveries leave through one bounded
 //! channel per consumer, each with the link it came on. When anything fails (an
-//! error on the connection, a closed channel, a consumer that ends) the link is
-//! withdrawn, its [`Link::lost`] token cancelled and the connection closed; the
-//! next round starts after a pause that doubles from `reconnect_min` to
+//! error on the connection, a closed channel, a consumer that ends, a publish
+//! channel on which RabbitMQ has refused every publish for [`crate::REFUSED_FOR`])
+//! the link is withdrawn, its [`Link::lost`] token cancelled and the connection
+//! closed; the next round starts after a pause that doubles from `reconnect_min` to
 //! `reconnect_max`, with jitter.
 
 use std::future::Future;
@@ -341,11 +342,13 @@ async fn build(
     }
     let link = Link {
         conn,
+        refusals: publishers.iter().map(|_| Default::default()).collect(),
         publishers,
         consumers: channels,
         consumer_tags: tags,
         blocked: AtomicBool::new(false),
         lost: CancellationToken::new(),
+        refused: CancellationToken::new(),
         generation,
     };
     Ok((link, consumers, events))
@@ -409,6 +412,9 @@ async fn hold(
         tokio::select! {
             _ = s.stop.cancelled() => return None,
             _ = failed.cancelled() => return Some("a consumer ended".into()),
+            _ = link.refused.cancelled() => {
+                return Some("a publish channel refuses every publish".into());
+            }
             ev = events.next() => match ev {
                 // A channel-level error on a channel outside the link's set (opened
                 // with `Link::open_channel`) closes only that channel; one of the

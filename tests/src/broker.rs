@@ -314,46 +314,63 @@ exit 0
 /// What a boot failure over a port taken by someone else says (a retry is worth it).
 const PORT_IN_USE: &str = " (a port it was given is in use)";
 
-/// Distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen),
-/// chosen below the kernel's ephemeral range: the kernel never hands those to an
-/// outgoing connection, so a port chosen for a server stays free until the server
-/// binds it, unless another server takes it first.
+/// The lowest port [`free_ports`] hands out.
+const FREE_PORTS_FROM: u16 = 20_000;
+
+/// Distinct free TCP ports on 127.0.0.1 (all held until every one is chosen), below
+/// the kernel's ephemeral range when there is room for them there.
+///
+/// A port chosen here is bound later by another process: a RabbitMQ node binds its
+/// ports seconds later. A port of the ephemeral range (what binding port 0 gives)
+/// can be taken meanwhile as the local port of any outgoing connection on the
+/// machine, and tests open many (a connection that closes keeps its port in
+/// TIME_WAIT for a minute): the node then fails to boot ("could not bind to
+/// distribution port"). Outgoing connections never use ports below the range.
+/// Each candidate is checked by binding it without `SO_REUSEADDR`, as a server that
+/// does not set it would, so a port held in TIME_WAIT is passed over too.
 pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    let below = ephemeral_start().unwrap_or(32768).clamp(11_000, 65_535);
-    let mut listeners: Vec<TcpListener> = Vec::with_capacity(N);
-    // xorshift64, seeded at random: no two test processes walk the same ports.
-    let mut x = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
-    for _ in 0..10_000 {
-        if listeners.len() == N {
-            break;
+    let low = ephemeral_low().unwrap_or(32_768);
+    if low < FREE_PORTS_FROM + 1_000 {
+        return ephemeral_ports();
+    }
+    let span = u128::from(low - FREE_PORTS_FROM);
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    let mut tries = 0;
+    while held.len() < N {
+        tries += 1;
+        if tries > 10_000 {
+            bail!("no {N} free ports between {FREE_PORTS_FROM} and {low}");
         }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 10_000 + (x % u64::from(below - 10_000)) as u16;
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(l);
+        let port = FREE_PORTS_FROM + (uuid::Uuid::new_v4().as_u128() % span) as u16;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        if socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+            .is_ok()
+        {
+            ports[held.len()] = port;
+            held.push(socket);
         }
     }
-    // Fall back on the kernel's choice if that range is crowded.
-    while listeners.len() < N {
-        listeners.push(TcpListener::bind("127.0.0.1:0")?);
-    }
+    Ok(ports)
+}
+
+/// The first port of the kernel's ephemeral range (Linux).
+fn ephemeral_low() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// Distinct free ports the kernel chooses (from its ephemeral range).
+fn ephemeral_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
     let mut ports = [0u16; N];
     for (p, l) in ports.iter_mut().zip(&listeners) {
         *p = l.local_addr()?.port();
     }
     Ok(ports)
-}
-
-/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
-fn ephemeral_start() -> Option<u16> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn http_ok(addr: SocketAddr, path: &str) -> bool {
@@ -396,4 +413,26 @@ fn percent(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports = free_ports::<8>().unwrap();
+        let low = ephemeral_low().unwrap_or(32_768);
+        for (i, p) in ports.iter().enumerate() {
+            assert!(!ports[..i].contains(p), "{ports:?}");
+            if low >= FREE_PORTS_FROM + 1_000 {
+                assert!(
+                    (FREE_PORTS_FROM..low).contains(p),
+                    "{p} (range starts at {low})"
+                );
+            }
+            // Free once chosen: a server can listen on it.
+            TcpListener::bind(("127.0.0.1", *p)).unwrap();
+        }
+    }
 }
