@@ -85,9 +85,13 @@ async fn a_message_redelivered_past_the_limit_is_dead_lettered_not_dropped() {
     let (conn, ch) = mosaic_tests::amqp::connect(&vhost.amqp_url).await;
     // The topology exactly as device-service declares it on every connection; no
     // device-service consumes.
-    device_service::broker::declare(ch.clone(), "drill-delivery-limit-replies".into())
-        .await
-        .expect("device-service's topology");
+    device_service::broker::declare(
+        ch.clone(),
+        "drill-delivery-limit-replies".into(),
+        "drill-delivery-limit-fleet".into(),
+    )
+    .await
+    .expect("device-service's topology");
     let cc = plain_queue(&ch, "drill-delivery-limit-cc").await;
     let device = Uuid::new_v4();
     let (message_id, headers) = event_headers(device, &[("CC", keys(&[&cc]))]);

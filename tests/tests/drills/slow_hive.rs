@@ -49,9 +49,13 @@ async fn a_slow_hive_costs_slots_not_the_queue() {
     // The queue exists and is full before device-service starts: declared as
     // device-service declares it, then filled.
     let (conn, ch) = mosaic_tests::amqp::connect(&vhost.amqp_url).await;
-    device_service::broker::declare(ch.clone(), "drill-slow-hive-replies".into())
-        .await
-        .expect("device-service's topology");
+    device_service::broker::declare(
+        ch.clone(),
+        "drill-slow-hive-replies".into(),
+        "drill-slow-hive-fleet".into(),
+    )
+    .await
+    .expect("device-service's topology");
     let total = SLOW_MESSAGES + SLOW_MESSAGES / (FAST_EVERY - 1);
     // For each fast message, how many slow ones are ahead of it in the queue.
     let mut slow_ahead = std::collections::HashMap::new();
