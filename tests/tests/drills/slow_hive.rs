@@ -124,16 +124,24 @@ async fn a_slow_hive_costs_slots_not_the_queue() {
     let drained = end - t0;
     let in_flight = max_in_flight(&seen);
     let mut fast_waits = Vec::new();
+    let slow_answers: Vec<Instant> = seen
+        .iter()
+        .filter(|r| r.json()["name"] == "slow")
+        .filter_map(|r| r.answered_at)
+        .collect();
     for r in seen.iter().filter(|r| r.json()["name"] == "fast") {
         let key = r.header("idempotency-key").unwrap();
         let ahead = slow_ahead[key];
         let waited = r.at - t0;
-        // Rounds of slow ones that must finish before it can have a slot: none while
-        // fewer than CONCURRENCY slow ones are ahead of it.
-        let rounds = (ahead / CONCURRENCY) as u32;
+        // Judged by what happened before it, not by the clock (the machine may be
+        // busy): only whole rounds of slow ones ahead of it may have finished before
+        // it reached Hive; none while fewer than CONCURRENCY slow ones are ahead.
+        let finished_before = slow_answers.iter().filter(|a| **a < r.at).count();
+        let allowed = (ahead / CONCURRENCY) * CONCURRENCY;
         assert!(
-            waited < SLOW * rounds + Duration::from_secs(2),
-            "a fast message behind {ahead} slow ones waited {waited:?}"
+            finished_before <= allowed,
+            "a fast message behind {ahead} slow ones reached Hive after {finished_before} \
+             slow ones were answered (at most {allowed}), {waited:?} after the first POST"
         );
         fast_waits.push((ahead, waited));
     }
@@ -158,9 +166,8 @@ async fn a_slow_hive_costs_slots_not_the_queue() {
         started.elapsed()
     );
     assert_eq!(seen.len(), total, "one POST per message");
+    // Every slot used, never more: the slow ones are delivered CONCURRENCY at a time.
     assert_eq!(in_flight, CONCURRENCY, "POSTs at once");
-    // Two rounds of SLOW; a third would mean the slots were not all used.
-    assert!(drained < SLOW * 3, "drained in {drained:?}");
     assert!(peak < RSS_BOUND, "RSS peak {peak} bytes");
     mosaic_tests::eventually(crate::WAIT, "every delivery acked", || async {
         (crate::finished(&relay, "delivered").await == total as u64).then_some(())
