@@ -268,6 +268,16 @@ impl Link {
     }
 }
 
+/// A string header's value (a long string that is UTF-8, or a short string).
+pub fn header_str<'a>(headers: Option<&'a lapin::types::FieldTable>, key: &str) -> Option<&'a str> {
+    use lapin::types::AMQPValue;
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
 /// The largest headers table (as encoded on the wire) that fits in a content-header
 /// frame of `frame_max` bytes; 0 means RabbitMQ's default of 131,072 (so 126,976).
 /// A content header past `frame_max` makes the broker close the whole connection
