@@ -52,6 +52,7 @@
 
 mod link;
 pub mod metrics;
+mod returns;
 pub mod settings;
 mod supervisor;
 
