@@ -245,6 +245,7 @@ impl Link {
             let book = link.returns[i].clone();
             let identity = m.mandatory.then(|| Identity::new(&exchange, &key, &m.body));
             let confirmed = async move {
+                let ticket = book.ticket();
                 let confirm = ch
                     .basic_publish(
                         exchange,
@@ -261,7 +262,7 @@ impl Link {
                 let barrier = || async move {
                     let _ = ch.basic_qos(0, BasicQosOptions::default()).await;
                 };
-                Ok::<_, PublishError>(book.settle(confirm, identity, barrier).await)
+                Ok::<_, PublishError>(book.settle(ticket, confirm, identity, barrier).await)
             };
             let outcome = match tokio::time::timeout(timeout, confirmed).await {
                 Ok(c) => c?,
