@@ -10,7 +10,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::returns::{Book, Identity};
+use crate::returns::{Book, Identity, Outcome};
 
 /// Room kept in a content-header frame for everything but the headers table: the
 /// frame envelope (7 bytes of header and 1 end octet), class, weight, body size and
@@ -264,15 +264,17 @@ impl Link {
                 };
                 Ok::<_, PublishError>(book.settle(ticket, confirm, identity, barrier).await)
             };
-            let outcome = match tokio::time::timeout(timeout, confirmed).await {
-                Ok(c) => c?,
+            let (acked, returned) = match tokio::time::timeout(timeout, confirmed).await {
+                Ok(Ok(Outcome::Confirmed { acked, returned })) => (acked, returned),
+                Ok(Ok(Outcome::Failed(e))) => return Err(e.into()),
+                Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(PublishError::Timeout(timeout)),
             };
-            link.record_confirm(channel, outcome.acked);
-            if !outcome.acked {
+            link.record_confirm(channel, acked);
+            if !acked {
                 return Err(PublishError::Nacked);
             }
-            Ok(if outcome.returned {
+            Ok(if returned {
                 Routed::Returned
             } else {
                 Routed::Yes

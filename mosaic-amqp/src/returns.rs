@@ -88,11 +88,11 @@ fn digest(body: &[u8]) -> u64 {
 }
 
 /// How a publish ended: the broker's ack or nack, and for a `mandatory` publish
-/// whether it came back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Outcome {
-    pub acked: bool,
-    pub returned: bool,
+/// whether it came back; or the channel's error when no confirm can come.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Confirmed { acked: bool, returned: bool },
+    Failed(lapin::Error),
 }
 
 struct Entry {
@@ -102,8 +102,8 @@ struct Entry {
     owned: bool,
     /// The owner's waker, once it polled.
     waker: Option<Waker>,
-    /// `Some(acked)` once completed.
-    done: Option<bool>,
+    /// `Some` once completed: acked or not, or the channel's error.
+    done: Option<Result<bool, lapin::Error>>,
     /// Whether the own confirm carried a return that was not this publish's.
     carried_other: bool,
     identity: Option<Identity>,
@@ -127,8 +127,8 @@ impl Entry {
         r: Result<Confirmation, lapin::Error>,
         pool: &mut Vec<(Identity, Instant)>,
     ) {
-        let (acked, ret) = split(r);
-        self.done = Some(acked);
+        let (done, ret) = split(r);
+        self.done = Some(done);
         if let Some(ret) = ret {
             let ident = Identity::of(&ret);
             self.carried_other = self.identity.as_ref() != Some(&ident);
@@ -184,15 +184,16 @@ impl Inner {
     }
 }
 
-/// A lapin error or a confirmation, as (acked, the return it carried).
-fn split(r: Result<Confirmation, lapin::Error>) -> (bool, Option<BasicReturnMessage>) {
+/// A confirmation as (acked, the return it carried), or the channel's error.
+fn split(
+    r: Result<Confirmation, lapin::Error>,
+) -> (Result<bool, lapin::Error>, Option<BasicReturnMessage>) {
     match r {
         Ok(c) => {
             let acked = c.is_ack();
-            (acked, c.take_message())
+            (Ok(acked), c.take_message())
         }
-        // A channel error: no confirm will come; the publish counts as refused.
-        Err(_) => (false, None),
+        Err(e) => (Err(e), None),
     }
 }
 
@@ -294,7 +295,7 @@ impl Book {
         self.0.entered.notify_waiters();
         drop(ticket);
         let guard = Owner { book: self, id };
-        let (acked, carried_other, horizon) = std::future::poll_fn(|cx| {
+        let (done, carried_other, horizon) = std::future::poll_fn(|cx| {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let e = inner.entries.get_mut(&id).expect("an owned entry stays");
@@ -308,20 +309,25 @@ impl Book {
                 }
             }
             inner.sweep();
-            let e = &inner.entries[&id];
-            Poll::Ready((e.done.unwrap_or(false), e.carried_other, inner.next_ticket))
+            let e = inner.entries.get_mut(&id).expect("an owned entry stays");
+            let done = e.done.clone().expect("completed above or by the sweep");
+            Poll::Ready((done, e.carried_other, inner.next_ticket))
         })
         .await;
+        let acked = match done {
+            Ok(acked) => acked,
+            Err(e) => return Outcome::Failed(e),
+        };
         let Some(identity) = identity else {
             drop(guard);
-            return Outcome {
+            return Outcome::Confirmed {
                 acked,
                 returned: false,
             };
         };
         if self.lock().claim(&identity) {
             drop(guard);
-            return Outcome {
+            return Outcome::Confirmed {
                 acked,
                 returned: true,
             };
@@ -337,7 +343,7 @@ impl Book {
             inner.claim(&identity)
         };
         drop(guard);
-        Outcome { acked, returned }
+        Outcome::Confirmed { acked, returned }
     }
 }
 
