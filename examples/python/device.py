@@ -4,7 +4,9 @@
 Connects with a device token in the Authorization header, sends events with ids and
 waits for their acks, answers requests, and reconnects with exponential backoff and
 jitter. Unacked events are sent again after a reconnect with the same id, so the
-gateway gives them the same message_id and Hive can drop the duplicate.
+gateway gives them the same message_id and Hive can drop the duplicate. Without a
+token it enrols with a one-time code, keeps the token it gets in a file, and asks for
+a fresh one (`renew`) once most of its lifetime has passed.
 
     pip install websockets
     MOSAIC_URL=ws://127.0.0.1:8080/v1/connect MOSAIC_TOKEN=<jwt> python3 device.py
@@ -13,14 +15,33 @@ gateway gives them the same message_id and Hive can drop the duplicate.
     python3 device.py --service reboot --service read-config
                                           # declare what it offers: the gateway
                                           # refuses other requests (404)
+    python3 device.py --enrol-code K7M2Q-9XHFA-T3RWP-ZC4NB-8DJGV --token-file device.token
+                                          # first start: trade the code for a token,
+                                          # kept in the file (mode 600); later starts
+                                          # use the file and never send the code again
 """
-import argparse, asyncio, json, os, random, sys, uuid
+import argparse, asyncio, base64, json, os, random, sys, time, uuid
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 STOP_CODES = {4409: "replaced by a newer connection", 4403: "token names another device",
               4401: "token refused or expired: get a new one"}
+
+
+class Refused(Exception):
+    """The gateway refused the enrolment code, or named another device."""
+
+
+def renew_delay(token, fraction):
+    """Seconds until `fraction` of the token's lifetime (`iat` to `exp`) has passed."""
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        start, end = claims.get("iat", time.time()), claims["exp"]
+    except (IndexError, ValueError, KeyError):
+        return None                           # not a JWT we can read: never renew
+    return max(0.0, start + (end - start) * fraction - time.time())
 
 
 class Device:
@@ -31,15 +52,57 @@ class Device:
         self.unacked = {}                     # id -> frame, resent after a reconnect
         self.acked = 0
         self.answered = 0
+        self.token = args.token
+        self.enrolled = False                 # enrolled in this run
+        self.renewing = False                 # a renew is waiting for its answer
+        if not self.token and args.token_file and os.path.exists(args.token_file):
+            with open(args.token_file) as f:
+                self.token = f.read().strip() or None
+
+    def keep(self, token):
+        """Use `token` from now on and store it in --token-file (mode 600), atomically."""
+        self.token = token
+        if self.args.token_file:
+            tmp = self.args.token_file + ".tmp"
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(token + "\n")
+            os.replace(tmp, self.args.token_file)
+
+    async def enrol(self, ws):
+        """After `hello`, trade the one-time code for a token; `welcome` follows."""
+        hello = json.loads(await ws.recv())
+        if hello.get("type") != "hello":
+            raise RuntimeError(f"expected hello, got {hello}")
+        await ws.send(json.dumps({"type": "enrol", "code": self.args.enrol_code}))
+        answer = json.loads(await ws.recv())
+        if answer.get("type") != "enrolled":   # used, expired or unknown: close 4401 follows
+            raise Refused(f"enrolment refused: {answer.get('code')}: {answer.get('message')}")
+        if self.args.device and answer["device"] != self.args.device:
+            raise Refused(f"the code enrols device {answer['device']}, not {self.args.device}")
+        self.keep(answer["token"])
+        self.enrolled = True
+        saved = f", token saved to {self.args.token_file}" if self.args.token_file else ""
+        print(f"<- enrolled {answer['device']} (expires {answer['expires_at']}{saved})", flush=True)
+
+    async def renew_later(self, ws):
+        """Sends `renew` once --renew-at of the current token's lifetime has passed."""
+        delay = renew_delay(self.token, self.args.renew_at)
+        if delay is not None:
+            await asyncio.sleep(delay)
+            self.renewing = True
+            await ws.send(json.dumps({"type": "renew"}))
 
     def done(self):
         a = self.args
-        return a.exit and self.seq >= a.events and self.acked >= a.events and self.answered >= 1
+        return (a.exit and self.seq >= a.events and self.acked >= a.events
+                and self.answered >= 1 and not self.renewing)
 
     async def session(self, ws):
         welcome = json.loads(await ws.recv())
         if welcome.get("type") != "welcome":
             raise RuntimeError(f"expected welcome, got {welcome}")
+        if self.args.device and welcome["device"] != self.args.device:
+            raise Refused(f"the token names device {welcome['device']}, not {self.args.device}")
         print(f"connected as {welcome['device']} (session {welcome['session']})", flush=True)
         if self.args.service:   # declare what this device offers
             await ws.send(json.dumps({"type": "register", "services": self.args.service,
@@ -47,6 +110,7 @@ class Device:
         for frame in list(self.unacked.values()):   # resend what was not acked
             await ws.send(json.dumps(frame))
         sender = asyncio.create_task(self.send_events(ws))
+        self.renewal = asyncio.create_task(self.renew_later(ws))
         try:
             async for text in ws:
                 await self.on_frame(ws, json.loads(text))
@@ -55,6 +119,7 @@ class Device:
                     return
         finally:
             sender.cancel()
+            self.renewal.cancel()
 
     async def send_events(self, ws):
         while self.args.events == 0 or self.seq < self.args.events:
@@ -83,24 +148,41 @@ class Device:
             self.answered += 1
         elif kind == "event":
             print(f"<- event {frame['name']} {json.dumps(frame.get('data'))}", flush=True)
+        elif kind == "renewed":   # the session now runs under the new token: keep it
+            self.keep(frame["token"])
+            self.renewing = False
+            print(f"<- renewed (expires {frame['expires_at']})", flush=True)
+            if self.args.renew_at > 0:            # 0: once per session, at once
+                self.renewal = asyncio.create_task(self.renew_later(ws))
         elif kind == "registered":
             print(f"<- registered {json.dumps(frame.get('services'))}", flush=True)
         elif kind == "error":
+            if frame["code"] in ("forbidden", "unavailable"):   # the answer to renew
+                self.renewing = False
             print(f"<- error {frame['code']}: {frame['message']}", flush=True)
 
     async def run_forever(self):
-        headers = {"Authorization": f"Bearer {self.args.token}"}
         delay, base, cap = 0.0, 0.25, 30.0
         while True:
             code = None
-            try:
+            try:                                    # no token yet: no header, enrol in band
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
                 async with connect(self.args.url, additional_headers=headers) as ws:
                     delay = 0.0                       # reset the backoff once connected
+                    if not self.token:
+                        await self.enrol(ws)
                     await self.session(ws)
                     if self.done():
                         return 0
                 code = ws.close_code               # a clean close ends the loop quietly
+            except Refused as e:
+                print(e, file=sys.stderr)
+                return 2
             except InvalidStatus as e:
+                if e.response.status_code == 401 and self.args.enrol_code and not self.enrolled:
+                    print("stored token refused (HTTP 401): enrolling with the code", file=sys.stderr)
+                    self.token = None
+                    continue
                 if e.response.status_code == 401:
                     print("token refused (HTTP 401)", file=sys.stderr)
                     return 3
@@ -125,6 +207,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=os.environ.get("MOSAIC_URL", "ws://127.0.0.1:8080/v1/connect"))
     p.add_argument("--token", default=os.environ.get("MOSAIC_TOKEN"))
+    p.add_argument("--enrol-code", default=os.environ.get("MOSAIC_ENROL_CODE"),
+                   help="a one-time enrolment code, used when there is no token yet")
+    p.add_argument("--token-file", default=os.environ.get("MOSAIC_TOKEN_FILE"),
+                   help="where the token is kept: read at start, written after enrol and renew")
+    p.add_argument("--device", default=os.environ.get("MOSAIC_DEVICE"),
+                   help="the device id this client expects to be (checked, optional)")
+    p.add_argument("--renew-at", type=float, default=0.8,
+                   help="renew the token once this fraction of its lifetime has passed "
+                        "(0: once per connection, right after welcome)")
     p.add_argument("--events", type=int, default=0, help="events to send (0: one every --interval forever)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between events")
     p.add_argument("--exit", action="store_true", help="exit 0 after all acks and one answered request")
@@ -132,8 +223,8 @@ def main():
     p.add_argument("--service", action="append", default=[],
                    help="a request name this device answers (repeat); others are refused by the gateway")
     args = p.parse_args()
-    if not args.token:
-        p.error("set MOSAIC_TOKEN or pass --token")
+    if not (args.token or args.enrol_code or (args.token_file and os.path.exists(args.token_file))):
+        p.error("set MOSAIC_TOKEN, pass --token, or --enrol-code (with --token-file to keep the token)")
 
     async def bounded():
         run = Device(args).run_forever()

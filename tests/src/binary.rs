@@ -107,7 +107,7 @@ pub fn workspace_bin(name: &str) -> String {
         .and_then(|deps| deps.parent())
         .expect("the test executable lives in <target>/<profile>/deps");
     let bin = dir.join(name);
-    let build = format!("build it first: cargo build -p {name}");
+    let build = "build it first: cargo build --workspace --bins";
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}; {build}", bin.display()));

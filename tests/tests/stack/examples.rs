@@ -5,6 +5,11 @@
 //! REST API and checks the client's answer came back, that the client exited 0 and
 //! that its events reached Hive with a valid signature.
 //!
+//! The Python client also enrols: against a stack with the registry it trades a
+//! one-time code for a token, keeps the token in its file and renews it, is seen
+//! connected by the registry and Hive, starts again from the file, and the code does
+//! not work a second time.
+//!
 //! The clients need `python3` with the `websockets` library and `node` with the
 //! packages of `examples/node` installed (`npm ci`); the test command installs both.
 
@@ -87,28 +92,8 @@ async fn round_trip(test: &str, program: &str, script: &Path, by: &str) {
     assert_eq!(body["error"]["code"], "service_not_supported", "{body}");
 
     // A request through the REST API.
-    let url = format!("http://{}/v1/devices/{device}/requests", stack.api_addr);
     let asked = json!({"name": "read-config", "data": {"keys": ["interval"]}, "timeout_ms": 5000});
-    let answer: Value = eventually(WAIT, "the client to answer a request", || {
-        let http = http.clone();
-        let url = url.clone();
-        let asked = asked.clone();
-        async move {
-            let resp = http
-                .post(&url)
-                .bearer_auth(API_TOKEN)
-                .json(&asked)
-                .send()
-                .await
-                .ok()?;
-            if resp.status() == reqwest::StatusCode::NOT_FOUND {
-                return None;
-            }
-            assert_eq!(resp.status(), reqwest::StatusCode::OK, "request answered");
-            resp.json().await.ok()
-        }
-    })
-    .await;
+    let answer = answer_from(&stack, device, &asked).await;
     assert_eq!(answer["status"], "ok", "{answer}");
     assert_eq!(answer["data"]["by"], by, "{answer}");
     assert_eq!(answer["data"]["echo"], asked["data"], "{answer}");
@@ -144,6 +129,214 @@ async fn round_trip(test: &str, program: &str, script: &Path, by: &str) {
         }
     })
     .await;
+    stack.stop().await;
+}
+
+/// Asks `device` a request through the REST API until it is connected and answers;
+/// returns the answer.
+async fn answer_from(stack: &Stack, device: Uuid, asked: &Value) -> Value {
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/devices/{device}/requests", stack.api_addr);
+    eventually(WAIT, "the client to answer a request", || {
+        let http = http.clone();
+        let url = url.clone();
+        let asked = asked.clone();
+        async move {
+            let resp = http
+                .post(&url)
+                .bearer_auth(API_TOKEN)
+                .json(&asked)
+                .send()
+                .await
+                .ok()?;
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return None; // not connected yet
+            }
+            assert_eq!(resp.status(), reqwest::StatusCode::OK, "request answered");
+            resp.json().await.ok()
+        }
+    })
+    .await
+}
+
+/// The Python client with `args`, bounded by its own `--timeout` and killed if the
+/// test ends first; nothing of the test's own environment configures it.
+fn python_client(stack: &Stack, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new("python3")
+        .arg(examples_dir().join("python/device.py"))
+        .args(args)
+        .args(["--timeout", "40"])
+        .env("MOSAIC_URL", format!("ws://{}/v1/connect", stack.ws_addr))
+        .env_remove("MOSAIC_TOKEN")
+        .env_remove("MOSAIC_ENROL_CODE")
+        .env_remove("MOSAIC_TOKEN_FILE")
+        .env_remove("MOSAIC_DEVICE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot start python3")
+}
+
+/// Waits for the client to exit (it gives up after its `--timeout`, well within
+/// this wait): its exit code, standard output and error.
+async fn ended(child: tokio::process::Child) -> (Option<i32>, String, String) {
+    let out = within(WAIT * 2, "the client to exit", child.wait_with_output())
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The claims of a JWT, read without checking the signature.
+fn claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT has three parts");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url claims");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_enrols_with_a_code_keeps_its_token_and_the_code_works_once() {
+    use std::os::unix::fs::PermissionsExt;
+
+    python_ready();
+    let stack = Stack::start_registry("examples-python-enrol").await;
+    let (status, record) = stack
+        .call("POST", "/v1/devices", Some(json!({"name": "python-enrol"})))
+        .await;
+    assert_eq!(status, 201, "{record}");
+    let device: Uuid = record["id"].as_str().unwrap().parse().unwrap();
+    let (status, enrolment) = stack
+        .call(
+            "POST",
+            &format!("/v1/devices/{device}/enrolments"),
+            Some(json!({"ttl_ms": 600_000})),
+        )
+        .await;
+    assert_eq!(status, 201, "{enrolment}");
+    let code = enrolment["code"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("device.token");
+    let token_path = token_file.to_str().unwrap();
+    let id = device.to_string();
+
+    // First start: no token. It enrols, keeps the token, renews it at once
+    // (`--renew-at 0`), sends its events and answers a request on that session.
+    let client = python_client(
+        &stack,
+        &[
+            "--enrol-code",
+            &code,
+            "--token-file",
+            token_path,
+            "--device",
+            &id,
+            "--renew-at",
+            "0",
+            "--events",
+            "2",
+            "--interval",
+            "0.2",
+            "--exit",
+        ],
+    );
+    let asked = json!({"name": "read-config", "data": {"n": 1}, "timeout_ms": 5000});
+    assert_eq!(answer_from(&stack, device, &asked).await["status"], "ok");
+    let (code_of, stdout, stderr) = ended(client).await;
+    assert_eq!(code_of, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let at = |needle: &str| {
+        stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{stdout}"))
+    };
+    assert!(at(&format!("<- enrolled {id} ")) < at(&format!("connected as {id} ")));
+    assert!(at(&format!("connected as {id} ")) < at("<- renewed "));
+
+    // The token file holds the renewed token, for this device, readable by its
+    // owner only; neither the token nor the code was printed.
+    let meta = std::fs::metadata(&token_file).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(claims(&token)["sub"], id.as_str());
+    for secret in [token.as_str(), code.as_str()] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "a secret was printed"
+        );
+    }
+
+    // device-service saw it connect: activated once, and `last_seen` recorded.
+    eventually(WAIT, "registry.<id>.activated at Hive", || async {
+        let seen = stack.hive_seen(&format!("device={id} name=activated"));
+        (!seen.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        !stack
+            .hive_seen(&format!("lifecycle device={id} connected"))
+            .is_empty()
+    );
+    let record = eventually(WAIT, "last_seen to be recorded", || async {
+        let (_, r) = stack
+            .call("GET", &format!("/v1/devices/{device}"), None)
+            .await;
+        r["last_seen"].is_string().then_some(r)
+    })
+    .await;
+    assert!(record["activated_at"].is_string(), "{record}");
+
+    // The code does not work a second time: `unauthorized`, close 4401, exit 2,
+    // and no token file.
+    let other_file = dir.path().join("other.token");
+    let client = python_client(
+        &stack,
+        &[
+            "--enrol-code",
+            &code,
+            "--token-file",
+            other_file.to_str().unwrap(),
+            "--events",
+            "1",
+            "--exit",
+        ],
+    );
+    let (code_of, stdout, stderr) = ended(client).await;
+    assert_eq!(code_of, Some(2), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("enrolment refused: unauthorized"),
+        "{stderr}"
+    );
+    assert!(!other_file.exists());
+
+    // A later start uses the token file and never sends the (used) code.
+    let client = python_client(
+        &stack,
+        &[
+            "--enrol-code",
+            &code,
+            "--token-file",
+            token_path,
+            "--events",
+            "1",
+            "--exit",
+        ],
+    );
+    let asked = json!({"name": "read-config", "data": {"n": 2}, "timeout_ms": 5000});
+    assert_eq!(answer_from(&stack, device, &asked).await["status"], "ok");
+    let (code_of, stdout, stderr) = ended(client).await;
+    assert_eq!(code_of, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(!stdout.contains("<- enrolled"), "{stdout}");
+    assert!(stdout.contains(&format!("connected as {id} ")), "{stdout}");
     stack.stop().await;
 }
 
