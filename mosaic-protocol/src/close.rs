@@ -26,6 +26,22 @@ pub const KICKED: u16 = 4410;
 /// The device did not read what was sent to it fast enough (outbound queue full).
 pub const SLOW_CONSUMER: u16 = 4429;
 
+/// Every close code above, in ascending order (a unit test reads this file to keep
+/// the list complete).
+pub const ALL: &[u16] = &[
+    GOING_AWAY,
+    POLICY_VIOLATION,
+    MESSAGE_TOO_BIG,
+    INTERNAL_ERROR,
+    TRY_AGAIN_LATER,
+    UNAUTHORIZED,
+    FORBIDDEN,
+    AUTH_TIMEOUT,
+    REPLACED,
+    KICKED,
+    SLOW_CONSUMER,
+];
+
 /// Why a session ended, as carried in the lifecycle `disconnected` message's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DisconnectReason {
@@ -78,5 +94,24 @@ impl DisconnectReason {
             DisconnectReason::Error => "error",
             DisconnectReason::Revoked => "revoked",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_close_code() {
+        let declared: Vec<u16> = include_str!("close.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub const ")?.split_once(": u16 = "))
+            .map(|(_, v)| v.trim_end_matches(';').parse().unwrap())
+            .collect();
+        let mut sorted = ALL.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted, ALL, "ascending, no duplicates");
+        assert_eq!(declared, ALL);
     }
 }

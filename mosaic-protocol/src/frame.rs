@@ -78,6 +78,26 @@ pub enum ClientFrame {
     Renew,
 }
 
+impl ClientFrame {
+    /// The `type` of every device frame, one per variant, in declaration order. The
+    /// parser refuses every other `type`, and [`ClientFrame::type_name`] names each
+    /// variant's; a unit test keeps the three in step.
+    pub const TYPES: &'static [&'static str] =
+        &["auth", "register", "event", "response", "enrol", "renew"];
+
+    /// The frame's `type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientFrame::Auth { .. } => "auth",
+            ClientFrame::Register(_) => "register",
+            ClientFrame::Event(_) => "event",
+            ClientFrame::Response { .. } => "response",
+            ClientFrame::Enrol { .. } => "enrol",
+            ClientFrame::Renew => "renew",
+        }
+    }
+}
+
 /// An event sent by a device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceEvent {
@@ -121,7 +141,13 @@ impl ClientFrame {
             return Err(FrameError::bad("frame must be a JSON object"));
         };
         let kind = match obj.remove("type") {
-            Some(Value::String(s)) => s,
+            Some(Value::String(s)) if Self::TYPES.contains(&s.as_str()) => s,
+            Some(Value::String(other)) => {
+                return Err(FrameError::bad(format!(
+                    "unknown frame type `{}`",
+                    truncate(&other, 64)
+                )));
+            }
             Some(_) => return Err(FrameError::bad("field `type` must be a string")),
             None => return Err(FrameError::bad("missing field `type`")),
         };
@@ -201,6 +227,7 @@ impl ClientFrame {
                     data,
                 })
             }
+            // Only a `TYPES` entry without a parser gets here; a unit test rules it out.
             other => Err(FrameError::bad(format!(
                 "unknown frame type `{}`",
                 truncate(other, 64)
@@ -314,6 +341,38 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// The `type` of every gateway frame, one per variant, in declaration order.
+    /// [`ServerFrame::type_name`] names each variant's; a unit test keeps the two,
+    /// and the serialized tags, in step.
+    pub const TYPES: &'static [&'static str] = &[
+        "hello",
+        "welcome",
+        "ack",
+        "nack",
+        "error",
+        "enrolled",
+        "renewed",
+        "event",
+        "registered",
+        "request",
+    ];
+
+    /// The frame's `type`, as it serializes.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ServerFrame::Hello { .. } => "hello",
+            ServerFrame::Welcome { .. } => "welcome",
+            ServerFrame::Ack { .. } => "ack",
+            ServerFrame::Nack { .. } => "nack",
+            ServerFrame::Error { .. } => "error",
+            ServerFrame::Enrolled { .. } => "enrolled",
+            ServerFrame::Renewed { .. } => "renewed",
+            ServerFrame::Event { .. } => "event",
+            ServerFrame::Registered { .. } => "registered",
+            ServerFrame::Request { .. } => "request",
+        }
+    }
+
     /// An `error` frame.
     pub fn error(code: &str, message: impl Into<String>) -> Self {
         ServerFrame::Error {
@@ -499,6 +558,120 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&f).unwrap(),
             json!({"type":"renewed","token":"t","expires_at":"e"})
+        );
+    }
+
+    /// The position of `f`'s variant in [`ClientFrame::TYPES`]. Exhaustive: a new
+    /// variant does not compile until it has a place in the list.
+    fn client_index(f: &ClientFrame) -> usize {
+        match f {
+            ClientFrame::Auth { .. } => 0,
+            ClientFrame::Register(_) => 1,
+            ClientFrame::Event(_) => 2,
+            ClientFrame::Response { .. } => 3,
+            ClientFrame::Enrol { .. } => 4,
+            ClientFrame::Renew => 5,
+        }
+    }
+
+    /// The position of `f`'s variant in [`ServerFrame::TYPES`]; exhaustive too.
+    fn server_index(f: &ServerFrame) -> usize {
+        match f {
+            ServerFrame::Hello { .. } => 0,
+            ServerFrame::Welcome { .. } => 1,
+            ServerFrame::Ack { .. } => 2,
+            ServerFrame::Nack { .. } => 3,
+            ServerFrame::Error { .. } => 4,
+            ServerFrame::Enrolled { .. } => 5,
+            ServerFrame::Renewed { .. } => 6,
+            ServerFrame::Event { .. } => 7,
+            ServerFrame::Registered { .. } => 8,
+            ServerFrame::Request { .. } => 9,
+        }
+    }
+
+    #[test]
+    fn client_types_are_the_parsers_types() {
+        // One minimal frame of each type, in `TYPES` order.
+        let samples = [
+            json!({"type":"auth","token":"t"}),
+            json!({"type":"register","services":["a"]}),
+            json!({"type":"event","name":"n"}),
+            json!({"type":"response","request_id":"r","status":"ok"}),
+            json!({"type":"enrol","code":"c"}),
+            json!({"type":"renew"}),
+        ];
+        assert_eq!(samples.len(), ClientFrame::TYPES.len());
+        for (i, sample) in samples.iter().enumerate() {
+            let f = ClientFrame::parse(&sample.to_string()).unwrap();
+            assert_eq!(client_index(&f), i, "{sample}");
+            assert_eq!(f.type_name(), ClientFrame::TYPES[i]);
+            assert_eq!(sample["type"], f.type_name());
+        }
+        let err = ClientFrame::parse(r#"{"type":"welcome"}"#).unwrap_err();
+        assert!(
+            err.message.contains("unknown frame type"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn server_types_are_the_serialized_tags() {
+        let samples = [
+            ServerFrame::Hello { auth_timeout_ms: 1 },
+            ServerFrame::Welcome {
+                device: Uuid::nil(),
+                session: Uuid::nil(),
+                expires_at: "e".into(),
+            },
+            ServerFrame::Ack { id: "1".into() },
+            ServerFrame::Nack {
+                id: "1".into(),
+                code: code::UNAVAILABLE.into(),
+            },
+            ServerFrame::error(code::BAD_FRAME, "m"),
+            ServerFrame::Enrolled {
+                device: Uuid::nil(),
+                token: "t".into(),
+                expires_at: "e".into(),
+            },
+            ServerFrame::Renewed {
+                token: "t".into(),
+                expires_at: "e".into(),
+            },
+            ServerFrame::Event {
+                id: "u".into(),
+                name: "n".into(),
+                data: Value::Null,
+                extra: Map::new(),
+            },
+            ServerFrame::Registered { services: None },
+            ServerFrame::Request {
+                id: "u".into(),
+                name: "n".into(),
+                data: Value::Null,
+                deadline: "d".into(),
+                extra: Map::new(),
+            },
+        ];
+        assert_eq!(samples.len(), ServerFrame::TYPES.len());
+        for (i, f) in samples.iter().enumerate() {
+            assert_eq!(server_index(f), i, "{f:?}");
+            assert_eq!(f.type_name(), ServerFrame::TYPES[i]);
+            assert_eq!(serde_json::to_value(f).unwrap()["type"], f.type_name());
+        }
+        // serde names every tag it knows when it meets an unknown one.
+        let err = serde_json::from_value::<ServerFrame>(json!({"type":"?"})).unwrap_err();
+        let listed = ServerFrame::TYPES
+            .iter()
+            .map(|t| format!("`{t}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(
+            err.to_string()
+                .contains(&format!("expected one of {listed}")),
+            "{err}"
         );
     }
 
