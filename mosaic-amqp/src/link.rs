@@ -243,7 +243,9 @@ impl Link {
             let i = channel % link.publishers.len();
             let ch = link.publishers[i].clone();
             let book = link.returns[i].clone();
-            let identity = m.mandatory.then(|| Identity::new(&exchange, &key, &m.body));
+            let identity = m
+                .mandatory
+                .then(|| Identity::new(&exchange, &key, &m.properties, &m.body));
             let confirmed = async move {
                 let ticket = book.ticket();
                 let confirm = ch

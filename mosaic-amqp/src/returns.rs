@@ -10,8 +10,9 @@
 //! queue took would be acked.
 //!
 //! So a return is matched by what it carries: exchange, routing key and a digest of
-//! the body (two messages alike in all three route alike, so which of them gets the
-//! return does not matter). Every confirm of a channel is completed through its
+//! the body, `message_id` and `correlation_id` (the services give every message one
+//! of these, so a return never matches another message; two messages alike in all
+//! of them would route alike, so which of them got the return would not matter). Every confirm of a channel is completed through its
 //! [`Book`]: each return that surfaces on any of them goes to a pool, and a publish
 //! takes the return that matches it from there.
 //!
@@ -43,6 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use lapin::BasicProperties;
 use lapin::message::BasicReturnMessage;
 use lapin::types::ShortString;
 use lapin::{Confirmation, PublisherConfirm};
@@ -64,26 +66,38 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
-    pub(crate) fn new(exchange: &ShortString, routing_key: &ShortString, body: &[u8]) -> Self {
+    pub(crate) fn new(
+        exchange: &ShortString,
+        routing_key: &ShortString,
+        properties: &BasicProperties,
+        body: &[u8],
+    ) -> Self {
         Self {
             exchange: exchange.clone(),
             routing_key: routing_key.clone(),
-            digest: digest(body),
+            digest: digest(properties, body),
         }
     }
 
     fn of(r: &BasicReturnMessage) -> Self {
-        Self::new(
-            &r.delivery.exchange,
-            &r.delivery.routing_key,
-            &r.delivery.data,
-        )
+        let d = &r.delivery;
+        Self::new(&d.exchange, &d.routing_key, &d.properties, &d.data)
     }
 }
 
-fn digest(body: &[u8]) -> u64 {
+fn digest(properties: &BasicProperties, body: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     body.hash(&mut h);
+    properties
+        .message_id()
+        .as_ref()
+        .map(ShortString::as_str)
+        .hash(&mut h);
+    properties
+        .correlation_id()
+        .as_ref()
+        .map(ShortString::as_str)
+        .hash(&mut h);
     h.finish()
 }
 
