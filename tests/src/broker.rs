@@ -204,6 +204,17 @@ impl Broker {
         self._private.as_ref().map(|p| p.dir.path().join("log"))
     }
 
+    /// The process id of the node's Erlang VM (`beam.smp`), from its pid file, when
+    /// this process started the node: for reading its memory and CPU in `/proc`.
+    pub fn pid(&self) -> Option<u32> {
+        let p = self._private.as_ref()?;
+        std::fs::read_to_string(p.dir.path().join("rabbit.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Creates a fresh vhost named after `test` plus a random suffix, grants the
     /// guest user everything on it, and returns its AMQP URL.
     pub async fn vhost(&self, test: &str) -> Vhost {
