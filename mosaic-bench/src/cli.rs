@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::procfs::Machine;
-use crate::report::{Run, ScenarioResult};
+use crate::report::Run;
 use crate::scenario::{self, Ctx};
 use crate::stack::{Stack, default_bin_dir};
 
@@ -52,6 +52,10 @@ pub struct Args {
     /// Connects in flight at once (over all load processes).
     #[arg(long, global = true, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub concurrency: u64,
+    /// The services' log filter (`RUST_LOG`); their logs go to standard error.
+    /// `warn` shows why a device was refused.
+    #[arg(long, global = true, default_value = "error")]
+    pub service_log: String,
     /// No progress bars (they are drawn only on a terminal anyway).
     #[arg(long, global = true)]
     pub no_progress: bool,
@@ -242,13 +246,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "mosaic-bench: {} cores ({}), {:.0} GiB, load average {:.2}; starting a private RabbitMQ",
         machine.cpus, machine.cpu_model, machine.memory_gib, machine.loadavg_at_start
     );
-    let stack = Stack::start(bin_dir).await?;
-    eprintln!(
-        "mosaic-bench: RabbitMQ {} (Erlang {}), Web-MQTT on {}",
-        stack.rabbitmq_version, stack.erlang_version, stack.web_mqtt
-    );
-    let ctx = Ctx {
-        stack: &stack,
+    let settings = Settings {
+        service_log: args.service_log.clone(),
         plots: args.plots.clone(),
         per_process: args.per_process as usize,
         concurrency: args.concurrency as usize,
@@ -258,10 +257,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tool: format!("mosaic-bench {}", env!("CARGO_PKG_VERSION")),
         started_at,
         machine,
-        broker: serde_json::json!({"rabbitmq": stack.rabbitmq_version, "erlang": stack.erlang_version}),
+        broker: serde_json::Value::Null,
         scenarios: Vec::new(),
     };
-    let work = scenarios(&ctx, &args.scenario, &mut run.scenarios);
+    let work = scenarios(&settings, bin_dir, &args.scenario, &mut run);
     let interrupted = tokio::select! {
         r = work => { r?; false }
         _ = mosaic_runtime::signal::terminate() => true,
@@ -280,19 +279,71 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let n: usize = run.scenarios.iter().map(|s| s.plots.len()).sum();
         eprintln!("mosaic-bench: {n} plots in {}", dir.display());
     }
-    drop(stack);
     Ok(())
 }
 
-async fn scenarios(
-    ctx: &Ctx<'_>,
-    which: &Scenario,
-    out: &mut Vec<ScenarioResult>,
-) -> anyhow::Result<()> {
-    match which {
-        Scenario::Idle { devices, hold } => {
-            out.push(scenario::idle::run(ctx, devices, *hold).await?)
+/// What every scenario's context takes from the command line.
+struct Settings {
+    service_log: String,
+    plots: Option<PathBuf>,
+    per_process: usize,
+    concurrency: usize,
+    progress: bool,
+}
+
+impl Settings {
+    fn ctx<'a>(&self, stack: &'a Stack) -> Ctx<'a> {
+        Ctx {
+            stack,
+            plots: self.plots.clone(),
+            per_process: self.per_process,
+            concurrency: self.concurrency,
+            progress: self.progress,
         }
+    }
+}
+
+/// Starts a private broker and notes its versions in the run.
+async fn broker(
+    settings: &Settings,
+    bin_dir: &std::path::Path,
+    run: &mut Run,
+) -> anyhow::Result<Stack> {
+    let stack = Stack::start(bin_dir.to_owned(), settings.service_log.clone()).await?;
+    eprintln!(
+        "mosaic-bench: RabbitMQ {} (Erlang {}), Web-MQTT on {}",
+        stack.rabbitmq_version, stack.erlang_version, stack.web_mqtt
+    );
+    run.broker =
+        serde_json::json!({"rabbitmq": stack.rabbitmq_version, "erlang": stack.erlang_version});
+    Ok(stack)
+}
+
+async fn scenarios(
+    settings: &Settings,
+    bin_dir: PathBuf,
+    which: &Scenario,
+    run: &mut Run,
+) -> anyhow::Result<()> {
+    if let Scenario::Idle { devices, hold } = which {
+        // A broker of its own per size: see the idle scenario's documentation.
+        for &n in devices {
+            let stack = broker(settings, &bin_dir, run).await?;
+            let result = scenario::idle::run(&settings.ctx(&stack), &[n], *hold).await?;
+            run.scenarios.push(result);
+        }
+        if let Some(plot) = scenario::idle::memory_plot(settings.plots.as_deref(), &run.scenarios)
+            && let Some(last) = run.scenarios.last_mut()
+        {
+            last.plots.push(plot);
+        }
+        return Ok(());
+    }
+    let stack = broker(settings, &bin_dir, run).await?;
+    let ctx = &settings.ctx(&stack);
+    let out = &mut run.scenarios;
+    match which {
+        Scenario::Idle { .. } => unreachable!("handled above"),
         Scenario::Relay {
             events,
             devices,
@@ -330,6 +381,11 @@ async fn scenarios(
         Scenario::All { tiny } => {
             let n = if *tiny { 20 } else { 1_000 };
             out.push(scenario::idle::run(ctx, &[n], Duration::ZERO).await?);
+            if let Some(plot) = scenario::idle::memory_plot(ctx.plots.as_deref(), out)
+                && let Some(last) = out.last_mut()
+            {
+                last.plots.push(plot);
+            }
             out.push(scenario::relay::run(ctx, (n * 20) as u64, n, 1).await?);
             out.push(scenario::request::run(ctx, 100, if *tiny { 2 } else { 10 }, n).await?);
             out.push(scenario::broadcast::run(ctx, n, 2, 1).await?);

@@ -304,7 +304,7 @@ impl LoadProcess {
 }
 
 /// The loopback addresses load process `index` connects from: 127.0.0.2 onwards,
-/// [`SOURCES_PER_PROCESS`] each, different for every process.
+/// sixteen each, different for every process.
 pub fn sources(index: usize) -> Vec<IpAddr> {
     (0..SOURCES_PER_PROCESS)
         .map(|k| {

@@ -87,8 +87,7 @@ pub fn pingreq() -> Vec<u8> {
 /// an incomplete one in place. `None` when the bytes cannot be MQTT.
 pub fn read(buf: &mut Vec<u8>) -> Option<Vec<Packet>> {
     let mut packets = Vec::new();
-    loop {
-        let Some(&first) = buf.first() else { break };
+    while let Some(&first) = buf.first() {
         // Remaining length: at most four bytes of seven bits each.
         let mut len = 0usize;
         let mut shift = 0;

@@ -90,7 +90,8 @@ pub fn lines(
     };
     let (x_max, y_max) = (max(|p| p.0), max(|p| p.1));
     let x_max = if x_max > 0.0 { x_max * 1.02 } else { 1.0 };
-    let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+    // Room above the data for the legend.
+    let y_max = if y_max > 0.0 { y_max * 1.3 } else { 1.0 };
     let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(draw)?;
     let mut chart = ChartBuilder::on(&root)
@@ -104,6 +105,8 @@ pub fn lines(
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
         .light_line_style(RGBColor(235, 235, 235))
@@ -138,6 +141,15 @@ pub fn lines(
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// An axis label: whole numbers from 10 up, one decimal below.
+fn tick(v: &f64) -> String {
+    if v.abs() >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
 }
 
 fn draw<E: std::fmt::Debug>(e: E) -> anyhow::Error {

@@ -209,22 +209,25 @@ impl Held {
         Ok((all, missing))
     }
 
-    /// Pings every connection; how many answered within `timeout`.
-    pub async fn ping(&mut self, timeout: Duration) -> anyhow::Result<usize> {
+    /// Pings every connection; how many answered within `timeout`, and how many
+    /// were still open.
+    pub async fn ping(&mut self, timeout: Duration) -> anyhow::Result<(usize, usize)> {
         let timeout_ms = timeout.as_millis() as u64;
         for p in &mut self.procs {
             p.send(&Command::Ping { timeout_ms }).await?;
         }
-        let mut alive = 0;
+        let (mut alive, mut open) = (0, 0);
         for p in &mut self.procs {
-            alive += p
+            let (a, o) = p
                 .next_matching(timeout + ANSWER_TIMEOUT, |r| match r {
-                    Report::Alive { alive, .. } => Some(alive),
+                    Report::Alive { alive, open } => Some((alive, open)),
                     _ => None,
                 })
                 .await?;
+            alive += a;
+            open += o;
         }
-        Ok(alive)
+        Ok((alive, open))
     }
 
     /// Closes every connection and ends the load processes.

@@ -40,6 +40,8 @@ pub struct Stack {
     pub web_mqtt: SocketAddr,
     /// Where the service binaries are.
     pub bin_dir: PathBuf,
+    /// The services' `RUST_LOG` (their standard error is this tool's).
+    pub service_log: String,
     /// RabbitMQ's version, from the management API.
     pub rabbitmq_version: String,
     /// Erlang's version.
@@ -51,7 +53,7 @@ pub struct Stack {
 impl Stack {
     /// Starts a private RabbitMQ with Web-MQTT on a free port; checks the service
     /// binaries are in `bin_dir`.
-    pub async fn start(bin_dir: PathBuf) -> anyhow::Result<Self> {
+    pub async fn start(bin_dir: PathBuf, service_log: String) -> anyhow::Result<Self> {
         for bin in ["websocket-service", "device-service"] {
             if !bin_dir.join(bin).is_file() {
                 bail!(
@@ -60,15 +62,30 @@ impl Stack {
                 );
             }
         }
-        let [web_mqtt, mqtt] = mosaic_tests::broker::free_ports::<2>()?;
-        let config = NodeConfig::new()
-            .plugin("rabbitmq_web_mqtt")
-            .conf(format!("mqtt.listeners.tcp.default = 127.0.0.1:{mqtt}"))
-            .conf("web_mqtt.tcp.ip = 127.0.0.1")
-            .conf(format!("web_mqtt.tcp.port = {web_mqtt}"))
-            .conf("web_mqtt.max_connections = infinity")
-            .conf("mqtt.allow_anonymous = false");
-        let broker = tokio::task::spawn_blocking(move || Broker::start_with(&config)).await??;
+        // Free ports are chosen before the node binds them: on a machine where other
+        // brokers start too, one may be taken in between. One more try then.
+        let mut attempt = 0;
+        let (broker, web_mqtt) = loop {
+            attempt += 1;
+            let [web_mqtt, mqtt] = mosaic_tests::broker::free_ports::<2>()?;
+            let config = NodeConfig::new()
+                .plugin("rabbitmq_web_mqtt")
+                .conf(format!("mqtt.listeners.tcp.default = 127.0.0.1:{mqtt}"))
+                .conf("web_mqtt.tcp.ip = 127.0.0.1")
+                .conf(format!("web_mqtt.tcp.port = {web_mqtt}"))
+                .conf("web_mqtt.max_connections = infinity")
+                .conf("mqtt.allow_anonymous = false");
+            match tokio::task::spawn_blocking(move || Broker::start_with(&config)).await? {
+                Ok(b) => break (b, web_mqtt),
+                Err(e) if attempt < 2 => {
+                    eprintln!(
+                        "mosaic-bench: RabbitMQ did not start ({}); trying again",
+                        e.to_string().lines().next().unwrap_or("")
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let broker_pid = broker.pid().context("the broker's pid file holds no pid")?;
         crate::procfs::track(broker_pid);
         let overview = broker.mgmt_get("/api/overview").await;
@@ -77,6 +94,7 @@ impl Stack {
             web_mqtt: SocketAddr::from(([127, 0, 0, 1], web_mqtt)),
             broker_pid,
             bin_dir,
+            service_log,
             rabbitmq_version: text("rabbitmq_version"),
             erlang_version: text("erlang_version"),
             node: text("node"),
@@ -87,6 +105,38 @@ impl Stack {
     /// A fresh vhost.
     pub async fn vhost(&self, name: &str) -> Vhost {
         self.broker.vhost(name).await
+    }
+
+    /// The node's file and socket limits and use (`fd_total`, `fd_used`,
+    /// `sockets_total`, `sockets_used` of `/api/nodes/<node>`).
+    pub async fn broker_limits(&self) -> serde_json::Value {
+        let v = self
+            .broker
+            .mgmt_get(&format!("/api/nodes/{}", self.node))
+            .await;
+        serde_json::json!({
+            "fd_total": v["fd_total"], "fd_used": v["fd_used"],
+            "sockets_total": v["sockets_total"], "sockets_used": v["sockets_used"],
+        })
+    }
+
+    /// The last `n` warning and error lines of the broker's log.
+    pub fn broker_log(&self, n: usize) -> Vec<String> {
+        let Some(dir) = self.broker.log_dir() else {
+            return Vec::new();
+        };
+        let mut lines: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| l.contains("[error]") || l.contains("[warning]"))
+            .collect();
+        let skip = lines.len().saturating_sub(n);
+        lines.drain(..skip);
+        lines
     }
 
     /// The broker's memory by category, in bytes (`/api/nodes/<node>/memory`),
@@ -109,7 +159,7 @@ impl Stack {
         let mut vars = vec![
             ("AMQP_URL", vhost.amqp_url.as_str()),
             ("JWT_SECRET", JWT_SECRET),
-            ("RUST_LOG", "error"),
+            ("RUST_LOG", self.service_log.as_str()),
             ("LOG_FORMAT", "text"),
             // At most 19,500 devices and 256 plain HTTP connections: within the 20,000
             // open files a process may hold here.
@@ -131,7 +181,7 @@ impl Stack {
             ("AMQP_URL", vhost.amqp_url.as_str()),
             ("HIVE_URL", hive),
             ("API_TOKENS", API_TOKEN),
-            ("RUST_LOG", "error"),
+            ("RUST_LOG", self.service_log.as_str()),
             ("LOG_FORMAT", "text"),
         ];
         vars.extend_from_slice(extra);

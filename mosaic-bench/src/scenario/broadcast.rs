@@ -171,7 +171,8 @@ pub async fn run(
         ),
     ];
     let mut plots = Vec::new();
-    if let Some(path) = ctx.plot_path("broadcast-arrival.png") {
+    let name = format!("broadcast-arrival-{devices}.png");
+    if let Some(path) = ctx.plot_path(&name) {
         let upper = percentile(&gw, 1.0).max(percentile(&mq, 1.0)) * 1.05;
         let drawn = plot::lines(
             &path,
@@ -188,7 +189,7 @@ pub async fn run(
             false,
         );
         match drawn {
-            Ok(()) => plots.push("broadcast-arrival.png".into()),
+            Ok(()) => plots.push(name),
             Err(e) => ctx.say(format!("plot skipped: {e:#}")),
         }
     }
