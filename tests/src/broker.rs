@@ -124,7 +124,10 @@ impl Broker {
             .envs(node.env(epmd))
             .env("MOSAIC_RABBIT_BIN", RABBITMQ_BIN)
             .env("MOSAIC_EPMD", epmd_path()?)
-            .env("MOSAIC_RABBIT_DIR", dir.path());
+            .env("MOSAIC_RABBIT_DIR", dir.path())
+            // A node that fails to boot writes its crash dump here, not in the
+            // caller's working directory.
+            .env("ERL_CRASH_DUMP", dir.path().join("log/erl_crash.dump"));
         let watchdog = Watchdog::spawn(cmd, "broker")?;
         // The watchdog says "started" once epmd and the node were launched.
         let line = watchdog.line(Duration::from_secs(30))?;
