@@ -3,11 +3,18 @@
 //! errors to HTTP; no AMQP or SQL here.
 //!
 //! - `commands`: events and requests to one device, and broadcasts.
+//! - `fleet`: presence, the connected-device listing, kick, group events and
+//!   scatter-gather requests.
+//! - `docs`: the OpenAPI entries of the routes served without auth.
+//! - `devices`: the device registry, enrolment codes, and the public JWKS.
 //! - `auth`: the bearer tokens; `error`: the one error shape and the JSON extractor.
 
 mod auth;
 mod commands;
+mod devices;
+mod docs;
 mod error;
+mod fleet;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +34,10 @@ use uuid::Uuid;
 pub use auth::Tokens;
 pub use commands::{Accepted, Answer, EventBody, RequestBody};
 pub use error::{ApiError, ApiJson, ErrorBody, code, parse_body};
+pub use fleet::{
+    AnswerLine, DeviceEntry, DeviceList, FanoutAnswer, FanoutBody, GroupAccepted, ListParams,
+    NDJSON, PresenceBody, Summary, SummaryLine, list_connected, wants_connected,
+};
 
 use crate::commands::Commands;
 use crate::metrics;
@@ -36,14 +47,25 @@ use crate::metrics;
 pub struct ApiState {
     /// Events and requests to devices.
     pub commands: Arc<Commands>,
+    /// Presence, listing, kick, groups and scatter-gather requests.
+    pub fleet: Arc<crate::fleet::Fleet>,
+    /// The device registry and enrolment.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Mosaic device-service",
-        description = "Events and confirmed requests from Hive to devices."
+        description = "Events and confirmed requests from Hive to devices; the fleet: presence, listing, kick, groups and scatter-gather requests."
     ),
+    paths(docs::healthz, docs::readyz, docs::metrics, docs::openapi),
+    components(schemas(
+        fleet::SummaryLine,
+        fleet::Summary,
+        fleet::AnswerLine,
+        fleet::DeviceList
+    )),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -76,12 +98,29 @@ pub fn router(state: ApiState, tokens: Tokens, body: BodyLimits, health: Router)
         .routes(routes!(commands::send_event))
         .routes(routes!(commands::send_request))
         .routes(routes!(commands::broadcast_event))
+        .routes(routes!(fleet::presence))
+        .routes(routes!(fleet::kick))
+        .routes(routes!(fleet::group_event))
+        .routes(routes!(fleet::group_request))
+        .routes(routes!(fleet::broadcast_request))
+        .routes(routes!(devices::list_devices, devices::create_device))
+        .routes(routes!(
+            devices::get_device,
+            devices::patch_device,
+            devices::delete_device
+        ))
+        .routes(routes!(devices::create_enrolment))
+        .with_state(state.clone())
+        .split_for_parts();
+    let (public, public_doc) = OpenApiRouter::new()
+        .routes(routes!(devices::jwks))
         .with_state(state)
         .split_for_parts();
     let mut openapi = openapi;
+    openapi.merge(public_doc);
     // The bodies take any extra top-level field (`#[serde(flatten)]`).
     if let Some(components) = openapi.components.as_mut() {
-        for name in ["EventBody", "RequestBody"] {
+        for name in ["EventBody", "RequestBody", "FanoutBody"] {
             if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(name) {
                 o.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(true)));
             }
@@ -97,6 +136,7 @@ pub fn router(state: ApiState, tokens: Tokens, body: BodyLimits, health: Router)
     );
     Router::new()
         .merge(v1)
+        .merge(public)
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -169,15 +209,35 @@ mod tests {
         app_with_limit(1024)
     }
 
+    fn fleet_settings() -> crate::fleet::Settings {
+        crate::fleet::Settings {
+            reply_queue: "replies".into(),
+            publish_timeout: Duration::from_secs(1),
+            ask_timeout: Duration::from_millis(50),
+            lost_after: Duration::from_secs(1),
+            max_fanouts: 1,
+            max_answer_bytes: 1024,
+        }
+    }
+
     fn app_with_limit(max_body_bytes: usize) -> Router {
         let (_tx, rx) = watch::channel(None);
+        let pending = Pending::new(10);
+        let fleet = crate::fleet::Fleet::new(rx.clone(), pending.clone(), fleet_settings());
         let state = ApiState {
             commands: Arc::new(Commands {
                 link: rx,
-                pending: Pending::new(10),
+                pending,
                 publish_timeout: Duration::from_secs(1),
                 reply_queue: "replies".into(),
             }),
+            fleet,
+            registry: Arc::new(crate::registry::Registry::new(
+                None,
+                None,
+                Arc::default(),
+                mosaic_runtime::health::Readiness::new(),
+            )),
         };
         let body = BodyLimits {
             max_bytes: max_body_bytes,
@@ -407,26 +467,121 @@ mod tests {
         assert_eq!(answer["error"]["code"], code::BAD_REQUEST);
     }
 
+    /// Every route the router serves, with its method.
+    const SERVED: [(&str, &str); 19] = [
+        ("post", "/v1/devices/{device}/events"),
+        ("post", "/v1/devices/{device}/requests"),
+        ("post", "/v1/broadcast/events"),
+        ("get", "/v1/devices/{device}/presence"),
+        ("delete", "/v1/devices/{device}/session"),
+        ("get", "/v1/devices"),
+        ("post", "/v1/devices"),
+        ("get", "/v1/devices/{device}"),
+        ("patch", "/v1/devices/{device}"),
+        ("delete", "/v1/devices/{device}"),
+        ("post", "/v1/devices/{device}/enrolments"),
+        ("get", "/v1/jwks.json"),
+        ("post", "/v1/groups/{group}/events"),
+        ("post", "/v1/groups/{group}/requests"),
+        ("post", "/v1/broadcast/requests"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ];
+
+    fn concrete(path: &str) -> String {
+        path.replace("{device}", "0192b9b4-7d2e-7cc1-9a4e-000000000001")
+            .replace("{group}", "g")
+    }
+
     #[tokio::test]
     async fn openapi_names_every_route() {
         let req = Request::get("/openapi.json").body(Body::empty()).unwrap();
         let (status, doc) = call(app(), req).await;
         assert_eq!(status, StatusCode::OK);
-        for path in [
-            "/v1/devices/{device}/events",
-            "/v1/devices/{device}/requests",
-            "/v1/broadcast/events",
-        ] {
-            assert!(doc["paths"][path]["post"].is_object(), "{path}: {doc}");
+        let health = Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/readyz", axum::routing::get(|| async { "ok" }))
+            .route("/metrics", axum::routing::get(|| async { "" }));
+        let (_tx, rx) = watch::channel(None);
+        let full = || {
+            let pending = Pending::new(10);
+            let fleet = crate::fleet::Fleet::new(rx.clone(), pending.clone(), fleet_settings());
+            let state = ApiState {
+                commands: Arc::new(Commands {
+                    link: rx.clone(),
+                    pending,
+                    publish_timeout: Duration::from_secs(1),
+                    reply_queue: "replies".into(),
+                }),
+                fleet,
+                registry: Arc::new(crate::registry::Registry::new(
+                    None,
+                    None,
+                    Arc::default(),
+                    mosaic_runtime::health::Readiness::new(),
+                )),
+            };
+            let body = BodyLimits {
+                max_bytes: 1024,
+                timeout: Duration::from_millis(300),
+            };
+            router(state, Tokens::new([TOKEN]), body, health.clone())
+        };
+        // Each route served is documented...
+        for (method, path) in SERVED {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} is not documented"
+            );
         }
+        // ...and each documented route is served (not the fallback's `not_found` or
+        // `method_not_allowed`).
+        let paths = doc["paths"].as_object().unwrap();
+        let mut documented = 0;
+        for (path, item) in paths {
+            for method in item.as_object().unwrap().keys() {
+                documented += 1;
+                let req = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(concrete(path))
+                    .header("authorization", format!("Bearer {TOKEN}"))
+                    .header("content-type", "application/json")
+                    .body(Body::from("{}"))
+                    .unwrap();
+                let (_, body) = call(full(), req).await;
+                let code = body["error"]["code"].as_str().unwrap_or_default();
+                assert!(
+                    code != code::NOT_FOUND && code != code::METHOD_NOT_ALLOWED,
+                    "{method} {path} is documented but not served: {body}"
+                );
+                assert!(
+                    SERVED.contains(&(method.as_str(), path.as_str())),
+                    "{method} {path} is served but missing from SERVED"
+                );
+            }
+        }
+        assert_eq!(documented, SERVED.len());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
-        let event = &doc["components"]["schemas"]["EventBody"];
-        assert_eq!(event["additionalProperties"], true, "{event}");
-        assert!(
-            event["required"]
-                .as_array()
-                .unwrap()
-                .contains(&"name".into())
-        );
+        for name in ["EventBody", "FanoutBody"] {
+            let body = &doc["components"]["schemas"][name];
+            assert_eq!(body["additionalProperties"], true, "{body}");
+            assert!(
+                body["required"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&"name".into())
+            );
+        }
+        for name in [
+            "PresenceBody",
+            "DeviceList",
+            "FanoutAnswer",
+            "SummaryLine",
+            "GroupAccepted",
+        ] {
+            assert!(doc["components"]["schemas"][name].is_object(), "{name}");
+        }
     }
 }

@@ -21,12 +21,23 @@
 //!   expires after its delay and RabbitMQ dead-letters it back to the relay queue.
 //! - `mosaic.device-service.replies.<replica>` (exclusive, auto-delete): answers to
 //!   this replica's requests.
+//! - `mosaic.device-service.fleet.<replica>` (exclusive, auto-delete, no-ack, its own
+//!   consumer): gateway announcements from `mosaic.fleet` and lifecycle messages, for
+//!   the fleet's view (`crate::fleet`), which declares it.
+//! - `mosaic.device-service.rpc` (auto-delete, shared by every replica): requests
+//!   from the gateways (enrol, renew). It exists only while some replica consumes
+//!   it, so a gateway's `mandatory` request comes back at once when none runs.
+//! - `mosaic.revocations` (a stream): revocations, appended through the outbox and
+//!   read by every gateway (see `mosaic_protocol::registry`).
+//!
+//! The relay queue is also bound with `registry.#`: Hive gets the registry's
+//! messages with `kind` `registry`.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 use mosaic_amqp::{Consume, Plan};
-use mosaic_protocol::exchange;
+use mosaic_protocol::{exchange, registry};
 
 /// The relay queue, shared by every replica.
 pub const RELAY_QUEUE: &str = "mosaic.device-service.relay";
@@ -46,6 +57,10 @@ pub const DELIVERY_LIMIT: i64 = 50;
 pub const RELAY_CONSUMER: usize = 0;
 /// Index of the reply consumer in [`plan`].
 pub const REPLY_CONSUMER: usize = 1;
+/// Index of the gateway-request consumer in [`plan`].
+pub const RPC_CONSUMER: usize = 2;
+/// Index of the fleet consumer in [`plan`].
+pub const FLEET_CONSUMER: usize = 3;
 
 /// This replica's reply queue.
 pub fn reply_queue(replica: &str) -> ShortString {
@@ -66,6 +81,7 @@ pub fn plan(replica: &str, prefetch: u16) -> Plan {
                 no_ack: false,
                 exclusive: false,
                 buffer: usize::from(prefetch),
+                arguments: FieldTable::default(),
             },
             Consume {
                 queue: reply_queue(replica),
@@ -74,15 +90,46 @@ pub fn plan(replica: &str, prefetch: u16) -> Plan {
                 no_ack: true,
                 exclusive: true,
                 buffer: 1024,
+                arguments: FieldTable::default(),
+            },
+            Consume {
+                queue: registry::RPC_QUEUE.into(),
+                tag: ShortString::from(format!("rpc-{replica}")),
+                prefetch: crate::rpc::PREFETCH,
+                no_ack: false,
+                exclusive: false,
+                buffer: usize::from(crate::rpc::PREFETCH),
+                arguments: FieldTable::default(),
+            },
+            Consume {
+                queue: crate::fleet::fleet_queue(replica),
+                tag: ShortString::from(format!("fleet-{replica}")),
+                prefetch: 0,
+                no_ack: true,
+                exclusive: true,
+                buffer: 4096,
+                arguments: FieldTable::default(),
             },
         ],
     }
 }
 
+/// The revocations stream's arguments (the gateways declare it the same way).
+pub fn revocations_arguments() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), long("stream"));
+    t.insert("x-max-age".into(), long(registry::REVOCATIONS_MAX_AGE));
+    t
+}
+
 /// Declares both exchanges (as websocket-service does: topic, durable, no
 /// arguments), the relay, dead-letter and retry queues with the relay queue's two
 /// bindings, and the replica's reply queue.
-pub async fn declare(ch: Channel, reply_queue: ShortString) -> Result<(), lapin::Error> {
+pub async fn declare(
+    ch: Channel,
+    reply_queue: ShortString,
+    fleet_queue: ShortString,
+) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -102,7 +149,11 @@ pub async fn declare(ch: Channel, reply_queue: ShortString) -> Result<(), lapin:
     };
     ch.queue_declare(RELAY_QUEUE.into(), durable_queue, relay_arguments())
         .await?;
-    for key in [exchange::ALL_EVENTS, exchange::ALL_LIFECYCLE] {
+    for key in [
+        exchange::ALL_EVENTS,
+        exchange::ALL_LIFECYCLE,
+        registry::ALL_REGISTRY,
+    ] {
         ch.queue_bind(
             RELAY_QUEUE.into(),
             exchange::EVENTS.into(),
@@ -124,6 +175,22 @@ pub async fn declare(ch: Channel, reply_queue: ShortString) -> Result<(), lapin:
             ..Default::default()
         },
         FieldTable::default(),
+    )
+    .await?;
+    crate::fleet::declare(&ch, fleet_queue).await?;
+    ch.queue_declare(
+        registry::RPC_QUEUE.into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        registry::REVOCATIONS_STREAM.into(),
+        durable_queue,
+        revocations_arguments(),
     )
     .await?;
     Ok(())

@@ -65,6 +65,9 @@ pub enum CommandError {
     /// The gateway could not deliver the request (the device left, or moved).
     #[error("the request could not be delivered: {0}")]
     Undeliverable(String),
+    /// The device declared its services, and the request's name is not one of them.
+    #[error("the device does not offer the service `{0}`")]
+    ServiceNotSupported(String),
     /// The device is connected but cannot take more now.
     #[error("the device is connected but cannot take more requests now; try again shortly")]
     DeviceBusy,
@@ -256,8 +259,11 @@ impl Commands {
             Reply::Undeliverable { reason } if reason == undeliverable::DEVICE_BUSY => {
                 Err(CommandError::DeviceBusy)
             }
+            Reply::Undeliverable { reason } if reason == undeliverable::SERVICE_NOT_SUPPORTED => {
+                Err(CommandError::ServiceNotSupported(name.to_owned()))
+            }
             Reply::Undeliverable { reason } => Err(CommandError::Undeliverable(reason)),
-            Reply::BrokerLost => Err(CommandError::BrokerUnavailable),
+            Reply::BrokerLost | Reply::Fleet(_) => Err(CommandError::BrokerUnavailable),
         }
     }
 }

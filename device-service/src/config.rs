@@ -126,6 +126,103 @@ pub struct Config {
     #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 4_096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_http_connections: u64,
+
+    /// How long presence, kick and listing calls wait for the gateways, in
+    /// milliseconds (504 `gateway_timeout` for presence and kick; a listing answers
+    /// `partial` with what it has).
+    #[arg(long, env = "FLEET_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
+    pub fleet_timeout_ms: u64,
+
+    /// A gateway replica silent this long (and at least three of its announcement
+    /// intervals) is lost: its sessions get `disconnected` with reason
+    /// `gateway_lost`, in milliseconds.
+    #[arg(long, env = "FLEET_LOST_AFTER_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(300..=MAX_TIMEOUT_MS))]
+    pub fleet_lost_after_ms: u64,
+
+    /// Group and broadcast requests (scatter-gather) running at once in this
+    /// replica; more get 503 `overloaded` with `Retry-After`.
+    #[arg(long, env = "MAX_FANOUTS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_fanouts: u32,
+
+    /// Bytes of device answers this replica's scatter-gather requests hold in memory
+    /// at once; past it an answer keeps its status and loses its data
+    /// (`"truncated": true`).
+    #[arg(long, env = "MAX_FANOUT_ANSWER_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024 * 1024))]
+    pub max_fanout_answer_bytes: u64,
+    /// PostgreSQL (`postgres://user:password@host:port/database`): the device
+    /// registry and enrolment. Unset: the v2 routes that need state answer 503
+    /// `not_configured`, and everything of v1 works as before.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Most PostgreSQL connections this replica holds open at once.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub database_pool_size: u32,
+
+    /// Longest wait for a PostgreSQL connection (from the pool, or a new one), in
+    /// milliseconds; past it the call answers 503 `database_unavailable`.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub database_acquire_timeout_ms: u64,
+
+    /// Longest one SQL statement may run (PostgreSQL's `statement_timeout`), in
+    /// milliseconds.
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub database_statement_timeout_ms: u64,
+
+    /// The Ed25519 private key device tokens are signed with: PKCS#8 PEM, either the
+    /// text itself or the path of a file holding it. Unset: enrolment, renewal and
+    /// `/v1/jwks.json` answer `not_configured` / `unavailable`.
+    #[arg(long, env = "TOKEN_SIGNING_KEY", hide_env_values = true)]
+    pub token_signing_key: Option<String>,
+
+    /// Lifetime of a minted device token: a number with `s`, `m`, `h` or `d`
+    /// (`90d`, `12h`), 1 minute to 365 days.
+    #[arg(long, env = "TOKEN_TTL", default_value = "30d", value_parser = parse_token_ttl)]
+    pub token_ttl: Duration,
+
+    /// `iss` of minted tokens; unset: none.
+    #[arg(long, env = "TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+
+    /// `aud` of minted tokens; unset: none.
+    #[arg(long, env = "TOKEN_AUDIENCE")]
+    pub token_audience: Option<String>,
+}
+
+/// The shortest `TOKEN_TTL`.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// The longest `TOKEN_TTL` (365 days): the revocations stream keeps entries longer.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 86_400);
+
+/// clap value parser for `TOKEN_TTL`: `<n>s`, `<n>m`, `<n>h` or `<n>d`, within
+/// [`MIN_TOKEN_TTL`]..=[`MAX_TOKEN_TTL`].
+pub fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| "expected a number with s, m, h or d, e.g. 90d or 12h".to_owned())?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3_600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(|| "expected a number with s, m, h or d, e.g. 90d or 12h".to_owned())?;
+    let d = Duration::from_secs(secs);
+    if d < MIN_TOKEN_TTL || d > MAX_TOKEN_TTL {
+        return Err("must be between 1 minute and 365 days".to_owned());
+    }
+    Ok(d)
 }
 
 impl fmt::Debug for Config {
@@ -158,6 +255,19 @@ impl fmt::Debug for Config {
             .field("hive_hold_max_ms", &self.hive_hold_max_ms)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("max_http_connections", &self.max_http_connections)
+            .field("fleet_timeout_ms", &self.fleet_timeout_ms)
+            .field("fleet_lost_after_ms", &self.fleet_lost_after_ms)
+            .field("max_fanouts", &self.max_fanouts)
+            .field("max_fanout_answer_bytes", &self.max_fanout_answer_bytes)
+            .field("database_url", &self.database_url.as_ref().map(|_| "***"))
+            .field("database_pool_size", &self.database_pool_size)
+            .field(
+                "token_signing_key",
+                &self.token_signing_key.as_ref().map(|_| "***"),
+            )
+            .field("token_ttl", &self.token_ttl)
+            .field("token_issuer", &self.token_issuer)
+            .field("token_audience", &self.token_audience)
             .finish_non_exhaustive()
     }
 }
@@ -200,7 +310,63 @@ impl Config {
                 "must not be larger than RETRY_MAX_MS",
             ));
         }
+        self.database()?;
+        self.signer()?;
+        for (setting, value) in [
+            ("TOKEN_ISSUER", &self.token_issuer),
+            ("TOKEN_AUDIENCE", &self.token_audience),
+        ] {
+            if let Some(v) = value
+                && (v.is_empty() || v.len() > 256)
+            {
+                return Err(ConfigError::new(setting, "must have 1 to 256 bytes"));
+            }
+        }
         Ok(())
+    }
+
+    /// The PostgreSQL settings, when `DATABASE_URL` is set: the URL parsed and
+    /// checked (scheme, no published placeholder password, no TLS demanded).
+    pub fn database(&self) -> Result<Option<crate::store::Settings>, ConfigError> {
+        let Some(url) = &self.database_url else {
+            return Ok(None);
+        };
+        let settings = crate::store::Settings::parse(
+            url,
+            self.database_pool_size as usize,
+            Duration::from_millis(self.database_acquire_timeout_ms),
+            Duration::from_millis(self.database_statement_timeout_ms),
+        )
+        .map_err(|e| ConfigError::new("DATABASE_URL", e))?;
+        Ok(Some(settings))
+    }
+
+    /// The token signer, when `TOKEN_SIGNING_KEY` is set: the key read (from the
+    /// value or the file it names) and checked to be an Ed25519 PKCS#8 key.
+    pub fn signer(&self) -> Result<Option<crate::tokens::Signer>, ConfigError> {
+        let Some(value) = &self.token_signing_key else {
+            return Ok(None);
+        };
+        mosaic_runtime::config::refuse_placeholder("TOKEN_SIGNING_KEY", value)?;
+        let pem = if value.trim_start().starts_with("-----BEGIN") {
+            value.clone()
+        } else {
+            std::fs::read_to_string(value.trim()).map_err(|e| {
+                ConfigError::new(
+                    "TOKEN_SIGNING_KEY",
+                    format!("is neither a PEM key nor a readable file ({})", e.kind()),
+                )
+            })?
+        };
+        mosaic_runtime::config::refuse_placeholder("TOKEN_SIGNING_KEY", &pem)?;
+        let signer = crate::tokens::Signer::new(
+            &pem,
+            self.token_ttl,
+            self.token_issuer.clone(),
+            self.token_audience.clone(),
+        )
+        .map_err(|e| ConfigError::new("TOKEN_SIGNING_KEY", e.to_string()))?;
+        Ok(Some(signer))
     }
 
     /// The API tokens, split and checked (at least one, each long enough, none a
@@ -242,6 +408,18 @@ impl Config {
         mosaic_runtime::serve::Limits {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: usize::try_from(self.max_http_connections).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The fleet's settings, with this replica's reply queue.
+    pub fn fleet_settings(&self, reply_queue: lapin::types::ShortString) -> crate::fleet::Settings {
+        crate::fleet::Settings {
+            reply_queue,
+            publish_timeout: self.publish_timeout(),
+            ask_timeout: Duration::from_millis(self.fleet_timeout_ms),
+            lost_after: Duration::from_millis(self.fleet_lost_after_ms),
+            max_fanouts: self.max_fanouts as usize,
+            max_answer_bytes: usize::try_from(self.max_fanout_answer_bytes).unwrap_or(usize::MAX),
         }
     }
 
@@ -356,6 +534,10 @@ mod tests {
             ("HEADER_READ_TIMEOUT_MS", "120001"),
             ("MAX_HTTP_CONNECTIONS", "0"),
             ("MAX_HTTP_CONNECTIONS", "1000001"),
+            ("FLEET_TIMEOUT_MS", "0"),
+            ("FLEET_LOST_AFTER_MS", "299"),
+            ("MAX_FANOUTS", "0"),
+            ("MAX_FANOUT_ANSWER_BYTES", "1023"),
         ] {
             let e = config(&[(var, value)]).unwrap_err();
             assert_eq!(e.setting, var, "{var}={value}: {e}");

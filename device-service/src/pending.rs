@@ -11,6 +11,10 @@
 //! with the old queue.
 //!
 //! The map is bounded (`MAX_PENDING_REQUESTS`): a request beyond it gets 503 at once.
+//!
+//! A call that expects many replies to one id (a listing, a scatter-gather request)
+//! registers a [`Collector`] instead: every reply with that id goes to it, as a
+//! [`ReplyMessage`]. The fleet bounds those calls itself (`MAX_FANOUTS`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,8 +43,35 @@ pub enum Reply {
         /// One of `mosaic_protocol::command::undeliverable`.
         reason: String,
     },
+    /// A gateway's own answer to a fleet command (`presence`, `kicked`).
+    Fleet(ReplyMessage),
     /// The connection to the broker was lost while waiting.
     BrokerLost,
+}
+
+/// One message from the reply queue, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyMessage {
+    /// The request's id (`correlation_id`).
+    pub id: Uuid,
+    /// What it is.
+    pub kind: ReplyKind,
+    /// The `device` header.
+    pub device: Option<Uuid>,
+    /// The `gateway` header.
+    pub gateway: Option<Uuid>,
+    /// The `status` header (a response).
+    pub status: Option<String>,
+    /// The `reason` header (an undeliverable request).
+    pub reason: Option<String>,
+    /// The body.
+    pub data: Vec<u8>,
+}
+
+/// Takes every reply to one id (see the module docs).
+pub trait Collector: Send + Sync + std::fmt::Debug {
+    /// One reply; must not block.
+    fn offer(&self, m: ReplyMessage);
 }
 
 /// The map is full.
@@ -52,7 +83,21 @@ pub struct Full;
 #[derive(Debug)]
 pub struct Pending {
     waiting: Mutex<HashMap<Uuid, oneshot::Sender<Reply>>>,
+    collectors: Mutex<HashMap<Uuid, Arc<dyn Collector>>>,
     cap: usize,
+}
+
+/// A registered collector; dropping it forgets the id.
+#[derive(Debug)]
+pub struct Collecting {
+    pending: Arc<Pending>,
+    id: Uuid,
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        self.pending.collectors().remove(&self.id);
+    }
 }
 
 /// A registered request; dropping it forgets the request.
@@ -75,8 +120,22 @@ impl Pending {
     pub fn new(cap: usize) -> Arc<Self> {
         Arc::new(Pending {
             waiting: Mutex::new(HashMap::new()),
+            collectors: Mutex::new(HashMap::new()),
             cap,
         })
+    }
+
+    fn collectors(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<dyn Collector>>> {
+        self.collectors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends every reply to `id` to `collector` until the returned guard drops.
+    pub fn collect(self: &Arc<Self>, id: Uuid, collector: Arc<dyn Collector>) -> Collecting {
+        self.collectors().insert(id, collector);
+        Collecting {
+            pending: self.clone(),
+            id,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, oneshot::Sender<Reply>>> {
@@ -136,22 +195,34 @@ impl Pending {
                 debug!("reply without a usable correlation_id dropped");
                 continue;
             };
-            let reply = match header_str(headers, header::KIND).and_then(ReplyKind::parse) {
-                Some(ReplyKind::Response) => Reply::Response {
-                    status: header_str(headers, header::STATUS)
-                        .unwrap_or("ok")
-                        .to_owned(),
-                    data: d.data,
+            let Some(kind) = header_str(headers, header::KIND).and_then(ReplyKind::parse) else {
+                debug!(request = %id, "reply of unknown kind dropped");
+                continue;
+            };
+            let uuid = |name| header_str(headers, name).and_then(|s| Uuid::parse_str(s).ok());
+            let m = ReplyMessage {
+                id,
+                kind,
+                device: uuid(header::DEVICE),
+                gateway: uuid(header::GATEWAY),
+                status: header_str(headers, header::STATUS).map(str::to_owned),
+                reason: header_str(headers, header::REASON).map(str::to_owned),
+                data: d.data,
+            };
+            let collector = self.collectors().get(&id).cloned();
+            if let Some(c) = collector {
+                c.offer(m);
+                continue;
+            }
+            let reply = match kind {
+                ReplyKind::Response => Reply::Response {
+                    status: m.status.unwrap_or_else(|| "ok".to_owned()),
+                    data: m.data,
                 },
-                Some(ReplyKind::Undeliverable) => Reply::Undeliverable {
-                    reason: header_str(headers, header::REASON)
-                        .unwrap_or("undeliverable")
-                        .to_owned(),
+                ReplyKind::Undeliverable => Reply::Undeliverable {
+                    reason: m.reason.unwrap_or_else(|| "undeliverable".to_owned()),
                 },
-                None => {
-                    debug!(request = %id, "reply of unknown kind dropped");
-                    continue;
-                }
+                _ => Reply::Fleet(m),
             };
             if !self.answer(id, reply) {
                 debug!(request = %id, "late reply dropped");

@@ -123,6 +123,9 @@ pub struct Relay {
     pub shutdown: CancellationToken,
     /// Bound on broker round trips (dead-letter publish).
     pub publish_timeout: Duration,
+    /// Where lifecycle messages note sightings (`last_seen`, activation) for the
+    /// registry, when one is configured; never waited for.
+    pub seen: Option<Arc<crate::seen::Seen>>,
 }
 
 impl Relay {
@@ -144,6 +147,9 @@ impl Relay {
             if incoming.is_stale() {
                 // Its connection is gone: the broker redelivers it.
                 continue;
+            }
+            if let Some(seen) = &self.seen {
+                seen.observe(&incoming.delivery);
             }
             let this = Arc::clone(&self);
             let span = tracing::info_span!(

@@ -168,3 +168,71 @@ async fn idle_connections_are_capped_and_dropped_at_the_header_read_timeout() {
     service.terminate();
     service.assert_exits_cleanly().await;
 }
+
+/// A change committed while RabbitMQ is out of reach, then SIGKILL before it could
+/// be published: the outbox keeps it, and the next replica to start publishes it.
+#[tokio::test]
+async fn the_outbox_survives_a_sigkill_between_commit_and_publish() {
+    let pg = mosaic_tests::postgres();
+    let db = pg.database("outbox_sigkill").await;
+    let vh = broker().vhost("dev-binary-outbox").await;
+    let hive = HiveStandIn::start().await;
+    let proxy = mosaic_tests::FaultProxy::start(broker().amqp_addr())
+        .await
+        .unwrap();
+    let via_proxy = vh
+        .amqp_url
+        .replace(&broker().amqp_addr().to_string(), &proxy.addr().to_string());
+    let hive_url = hive.url();
+    let vars = |amqp: &str| {
+        vec![
+            ("AMQP_URL", amqp.to_owned()),
+            ("HIVE_URL", hive_url.clone()),
+            ("API_TOKENS", TOKEN.to_owned()),
+            ("DATABASE_URL", db.clone()),
+            ("RECONNECT_MAX_MS", "200".to_owned()),
+        ]
+    };
+    let a_vars = vars(&via_proxy);
+    let a_vars: Vec<(&str, &str)> = a_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = Running::start_logged(BIN, &a_vars).await;
+    let http = reqwest::Client::new();
+    let broker_ready = format!("http://{}/readyz/broker", a.addr);
+    proxy.outage();
+    mosaic_tests::eventually(WAIT, "device-service to lose the broker", || async {
+        let s = http.get(&broker_ready).send().await.ok()?.status();
+        (s == 503).then_some(())
+    })
+    .await;
+    let res = http
+        .post(format!("http://{}/v1/devices", a.addr))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"name": "committed-not-published"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 201);
+    let record: serde_json::Value = res.json().await.unwrap();
+    let id = record["id"].as_str().unwrap().to_owned();
+    a.kill().await;
+    let waiting = pg.psql(&db, "SELECT count(*) FROM outbox").await.unwrap();
+    assert_eq!(waiting.trim(), "1", "the change waits in the outbox");
+
+    let b_vars = vars(&vh.amqp_url);
+    let b_vars: Vec<(&str, &str)> = b_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let b = Running::start_logged(BIN, &b_vars).await;
+    hive.wait_until(WAIT, "the committed change at Hive", |seen| {
+        seen.iter().any(|r| {
+            let b = r.json();
+            b["kind"] == "registry" && b["name"] == "created" && b["device"] == id.as_str()
+        })
+    })
+    .await;
+    mosaic_tests::eventually(WAIT, "the outbox to empty", || async {
+        let n = pg.psql(&db, "SELECT count(*) FROM outbox").await.ok()?;
+        (n.trim() == "0").then_some(())
+    })
+    .await;
+    b.terminate();
+    b.assert_exits_cleanly().await;
+}

@@ -10,6 +10,9 @@
 //   MOSAIC_URL=ws://127.0.0.1:8080/v1/connect MOSAIC_TOKEN=<jwt> node device.js
 //   node device.js --events 3 --exit   # send 3 events, wait for 3 acks,
 //                                      # answer one request, exit 0
+//   node device.js --service reboot --service read-config
+//                                      # declare what it offers: the gateway
+//                                      # refuses other requests (404)
 'use strict';
 const crypto = require('node:crypto');
 const WebSocket = require('ws');
@@ -24,6 +27,9 @@ const events = Number(option('events', '0')); // 0: one every --interval, foreve
 const intervalMs = Number(option('interval', '1')) * 1000;
 const exitWhenDone = process.argv.includes('--exit');
 const timeoutS = Number(option('timeout', '0'));
+// --service NAME, repeatable: the request names this device answers.
+const services = process.argv.flatMap((a, i) =>
+  (a === '--service' && i + 1 < process.argv.length ? [process.argv[i + 1]] : []));
 if (!token) {
   console.error('set MOSAIC_TOKEN or pass --token');
   process.exit(64);
@@ -55,6 +61,9 @@ function connect() {
       case 'welcome':
         console.log(`connected as ${frame.device} (session ${frame.session})`);
         backoff = 0; // reset once connected
+        if (services.length > 0) { // declare what this device offers
+          ws.send(JSON.stringify({ type: 'register', services, attributes: { client: 'node' } }));
+        }
         for (const f of unacked.values()) ws.send(JSON.stringify(f));
         timer = setInterval(() => sendEvent(ws), intervalMs);
         sendEvent(ws);
@@ -74,6 +83,9 @@ function connect() {
         break;
       case 'event':
         console.log(`<- event ${frame.name} ${JSON.stringify(frame.data)}`);
+        break;
+      case 'registered':
+        console.log(`<- registered ${JSON.stringify(frame.services)}`);
         break;
       case 'error':
         console.log(`<- error ${frame.code}: ${frame.message}`);

@@ -10,6 +10,9 @@ gateway gives them the same message_id and Hive can drop the duplicate.
     MOSAIC_URL=ws://127.0.0.1:8080/v1/connect MOSAIC_TOKEN=<jwt> python3 device.py
     python3 device.py --events 3 --exit   # send 3 events, wait for 3 acks,
                                           # answer one request, exit 0
+    python3 device.py --service reboot --service read-config
+                                          # declare what it offers: the gateway
+                                          # refuses other requests (404)
 """
 import argparse, asyncio, json, os, random, sys, uuid
 
@@ -38,6 +41,9 @@ class Device:
         if welcome.get("type") != "welcome":
             raise RuntimeError(f"expected welcome, got {welcome}")
         print(f"connected as {welcome['device']} (session {welcome['session']})", flush=True)
+        if self.args.service:   # declare what this device offers
+            await ws.send(json.dumps({"type": "register", "services": self.args.service,
+                                      "attributes": {"client": "python"}}))
         for frame in list(self.unacked.values()):   # resend what was not acked
             await ws.send(json.dumps(frame))
         sender = asyncio.create_task(self.send_events(ws))
@@ -77,6 +83,8 @@ class Device:
             self.answered += 1
         elif kind == "event":
             print(f"<- event {frame['name']} {json.dumps(frame.get('data'))}", flush=True)
+        elif kind == "registered":
+            print(f"<- registered {json.dumps(frame.get('services'))}", flush=True)
         elif kind == "error":
             print(f"<- error {frame['code']}: {frame['message']}", flush=True)
 
@@ -121,6 +129,8 @@ def main():
     p.add_argument("--interval", type=float, default=1.0, help="seconds between events")
     p.add_argument("--exit", action="store_true", help="exit 0 after all acks and one answered request")
     p.add_argument("--timeout", type=float, default=0, help="give up (exit 1) after this many seconds")
+    p.add_argument("--service", action="append", default=[],
+                   help="a request name this device answers (repeat); others are refused by the gateway")
     args = p.parse_args()
     if not args.token:
         p.error("set MOSAIC_TOKEN or pass --token")

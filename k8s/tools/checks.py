@@ -23,8 +23,10 @@ Subcommands:
       defaults). What the service reads comes from
       `BINARY_DIR/<service> --print-settings` when that binary exists and
       supports the flag, else from SETTINGS.txt. Also: referenced
-      ConfigMap/Secret keys exist, probes are GET /readyz (readiness) and
-      GET /healthz (liveness) on the service's port, and the shutdown timings
+      ConfigMap/Secret keys exist (those of the operators' Secrets excepted),
+      probes are GET /readyz (readiness) and
+      GET /healthz (liveness) on the service's port (device-service may use
+      GET /readyz/broker for readiness), and the shutdown timings
       fit the grace period.
 """
 
@@ -41,6 +43,11 @@ import yaml
 
 # Port each service listens on (LISTEN_ADDR default) and must expose.
 SERVICE_PORTS = {"websocket-service": 8080, "device-service": 8081}
+
+# Readiness probe paths each service may use. device-service's /readyz/broker
+# follows the broker alone: a PostgreSQL outage must not take every replica out
+# of its Service while the relay and the v1 API keep working.
+READINESS_PATHS = {"websocket-service": ("/readyz",), "device-service": ("/readyz/broker", "/readyz")}
 
 # Documented exceptions to "every env name is a setting the service reads":
 # the RabbitMQ cluster operator's default-user Secret has username, password,
@@ -192,11 +199,22 @@ class Checker:
         return None
 
     def operator_secrets(self) -> set[str]:
-        return {
+        """Secrets the operators create: RabbitmqCluster <name>-default-user, and
+        CloudNativePG Cluster <name>-app (keys username, password, host, port,
+        dbname, uri)."""
+        rabbit = {
             f"{d['metadata']['name']}-default-user"
             for d in self.docs
             if d.get("kind") == "RabbitmqCluster" and d.get("metadata", {}).get("name")
         }
+        cnpg = {
+            f"{d['metadata']['name']}-app"
+            for d in self.docs
+            if d.get("kind") == "Cluster"
+            and str(d.get("apiVersion", "")).startswith("postgresql.cnpg.io/")
+            and d.get("metadata", {}).get("name")
+        }
+        return rabbit | cnpg
 
     def check_container(
         self, where: str, service: str, pod: dict, c: dict, reads: list[str], required: list[str], source: str
@@ -295,13 +313,13 @@ class Checker:
             p = (probe.get("httpGet") or {}).get("port")
             return ports.get(p, p) if isinstance(p, str) else p
 
-        for kind, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        for kind, paths in (("readinessProbe", READINESS_PATHS[service]), ("livenessProbe", ("/healthz",))):
             probe = c.get(kind)
             if not probe or "httpGet" not in probe:
-                self.error(f"{where}: {kind} must be an httpGet probe on {path}")
+                self.error(f"{where}: {kind} must be an httpGet probe on {paths[0]}")
                 continue
-            if probe["httpGet"].get("path") != path:
-                self.error(f"{where}: {kind} path is {probe['httpGet'].get('path')!r}, expected {path!r}")
+            if probe["httpGet"].get("path") not in paths:
+                self.error(f"{where}: {kind} path is {probe['httpGet'].get('path')!r}, expected one of {paths!r}")
             if probe_port(probe) != port:
                 self.error(f"{where}: {kind} port is {probe['httpGet'].get('port')!r}, expected {port}")
         startup = c.get("startupProbe")

@@ -55,6 +55,9 @@ pub mod metrics;
 pub mod settings;
 mod supervisor;
 
-pub use link::{CONTENT_HEADER_RESERVE, Link, Publish, PublishError, Routed, max_headers_bytes};
+pub use link::{
+    CONTENT_HEADER_RESERVE, Link, Publish, PublishError, REFUSED_AT_LEAST, REFUSED_FOR, Routed,
+    max_headers_bytes,
+};
 pub use settings::{BrokerArgs, Settings};
 pub use supervisor::{Amqp, Consume, Incoming, Plan};

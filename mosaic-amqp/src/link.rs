@@ -1,13 +1,14 @@
 //! A whole connection: its channels, its alarm state, and confirmed publishing.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 /// Room kept in a content-header frame for everything but the headers table: the
 /// frame envelope (7 bytes of header and 1 end octet), class, weight, body size and
@@ -15,6 +16,44 @@ use tokio_util::sync::CancellationToken;
 /// strings of up to 256 bytes, delivery mode, priority and timestamp: 2,570 bytes):
 /// 2,592 bytes in all, rounded up.
 pub const CONTENT_HEADER_RESERVE: usize = 4096;
+
+/// How long a publish channel may get nothing but negative confirms (and at least
+/// [`REFUSED_AT_LEAST`] of them) before its link counts as failed and is replaced.
+///
+/// RabbitMQ nacks a publish it could not store. Some such states belong to the
+/// channel, not the message, and last as long as the channel: a quorum-queue
+/// publisher whose channel first published while the queue's leader was on a node
+/// that had just died keeps asking that node, and every later publish on the channel
+/// is nacked, even once the queue has a new leader (RabbitMQ 3.10; seen in the
+/// cluster drill). A new connection gets new channels, which find the new leader. A
+/// queue that is full with `x-overflow: reject-publish` nacks every publish too;
+/// then a new link changes nothing, and the link is replaced once per this period
+/// while it lasts.
+pub const REFUSED_FOR: Duration = Duration::from_secs(10);
+
+/// The fewest negative confirms in a row, on one channel, that can fail a link.
+pub const REFUSED_AT_LEAST: u32 = 5;
+
+/// The negative confirms a publish channel got since its last positive one.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals {
+    first: Option<Instant>,
+    count: u32,
+}
+
+impl Refusals {
+    /// Records one confirm at `now`; true when the channel has refused every publish
+    /// for [`REFUSED_FOR`] and at least [`REFUSED_AT_LEAST`] times.
+    fn record(&mut self, acked: bool, now: Instant) -> bool {
+        if acked {
+            *self = Refusals::default();
+            return false;
+        }
+        let first = *self.first.get_or_insert(now);
+        self.count = self.count.saturating_add(1);
+        self.count >= REFUSED_AT_LEAST && now.duration_since(first) >= REFUSED_FOR
+    }
+}
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -84,6 +123,11 @@ pub struct Link {
     pub(crate) consumer_tags: Vec<ShortString>,
     pub(crate) blocked: AtomicBool,
     pub(crate) lost: CancellationToken,
+    /// One per publish channel.
+    pub(crate) refusals: Vec<Mutex<Refusals>>,
+    /// Cancelled when a publish channel has refused every publish for
+    /// [`REFUSED_FOR`]: the supervisor replaces the link.
+    pub(crate) refused: CancellationToken,
     pub(crate) generation: u64,
 }
 
@@ -105,9 +149,37 @@ impl Link {
         self.blocked.load(Ordering::Acquire)
     }
 
-    /// Whether a publish can be confirmed now: open and not blocked.
+    /// Whether a publish can be confirmed now: open, not blocked, and no channel
+    /// refusing every publish ([`REFUSED_FOR`]).
     pub fn can_publish(&self) -> bool {
-        !self.is_blocked() && self.is_open() && !self.lost.is_cancelled()
+        !self.is_blocked()
+            && self.is_open()
+            && !self.lost.is_cancelled()
+            && !self.refused.is_cancelled()
+    }
+
+    /// Whether a publish channel of this link has refused every publish for
+    /// [`REFUSED_FOR`] (the supervisor then replaces the link).
+    pub fn refused_all(&self) -> bool {
+        self.refused.is_cancelled()
+    }
+
+    /// Counts a confirm of publish channel `channel`; past [`REFUSED_FOR`] of
+    /// nothing but negative ones, marks the link for replacement.
+    fn record_confirm(&self, channel: usize, acked: bool) {
+        let i = channel % self.refusals.len();
+        let refused = self.refusals[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(acked, Instant::now());
+        if refused && !self.refused.is_cancelled() {
+            warn!(
+                channel = i,
+                refused_for_ms = REFUSED_FOR.as_millis() as u64,
+                "RabbitMQ refuses every publish on a channel; replacing the link"
+            );
+            self.refused.cancel();
+        }
     }
 
     /// Cancelled when this link is gone: deliveries that came on it can no longer be
@@ -120,6 +192,14 @@ impl Link {
     /// thing that must stay in order goes through the same channel.
     pub fn channel(&self, i: usize) -> &Channel {
         &self.publishers[i % self.publishers.len()]
+    }
+
+    /// Opens a channel outside the link's monitored set: when the broker closes it (a
+    /// refused exclusive declare, say: 405 `RESOURCE_LOCKED`), only that channel
+    /// ends, and the link stays whole. The caller owns it, and it goes with the
+    /// connection.
+    pub async fn open_channel(&self) -> Result<Channel, lapin::Error> {
+        self.conn.create_channel().await
     }
 
     /// How many publish channels the link has.
@@ -170,19 +250,20 @@ impl Link {
                         m.properties,
                     )
                     .await?;
-                let c = confirm.await?;
-                if c.is_nack() {
-                    return Err(PublishError::Nacked);
-                }
-                Ok(match c.take_message() {
-                    Some(_) => Routed::Returned,
-                    None => Routed::Yes,
-                })
+                Ok::<_, PublishError>(confirm.await?)
             };
-            match tokio::time::timeout(timeout, confirmed).await {
-                Ok(r) => r,
-                Err(_) => Err(PublishError::Timeout(timeout)),
+            let c = match tokio::time::timeout(timeout, confirmed).await {
+                Ok(c) => c?,
+                Err(_) => return Err(PublishError::Timeout(timeout)),
+            };
+            link.record_confirm(channel, !c.is_nack());
+            if c.is_nack() {
+                return Err(PublishError::Nacked);
             }
+            Ok(match c.take_message() {
+                Some(_) => Routed::Returned,
+                None => Routed::Yes,
+            })
         }
     }
 }
@@ -203,6 +284,34 @@ pub fn max_headers_bytes(frame_max: u32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_channel_fails_after_refusing_everything_for_long_enough() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let window = REFUSED_FOR.as_millis() as u64;
+        let mut r = Refusals::default();
+        // Many refusals, but not for long enough.
+        for i in 0..20 {
+            assert!(!r.record(false, at(i)));
+        }
+        assert!(r.record(false, at(window)));
+        // Long enough, but too few.
+        let mut r = Refusals::default();
+        assert!(!r.record(false, at(0)));
+        assert!(!r.record(false, at(window * 3)));
+        // One positive confirm starts the count again.
+        let mut r = Refusals::default();
+        for i in 0..u64::from(REFUSED_AT_LEAST) {
+            assert!(!r.record(false, at(i)));
+        }
+        assert!(!r.record(true, at(window - 1)));
+        assert!(!r.record(false, at(window)));
+        for i in 0..u64::from(REFUSED_AT_LEAST) {
+            assert!(!r.record(false, at(window + 1 + i)));
+        }
+        assert!(r.record(false, at(window * 2 + 10)));
+    }
 
     #[test]
     fn the_header_budget_leaves_room_for_the_rest_of_the_frame() {

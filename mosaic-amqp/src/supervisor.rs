@@ -5,9 +5,10 @@
 //! consumer (with its prefetch) and starts the consumers; only then is the link
 //! announced ([`Amqp::link`], [`Amqp::watch`]). Deliveries leave through one bounded
 //! channel per consumer, each with the link it came on. When anything fails (an
-//! error on the connection, a closed channel, a consumer that ends) the link is
-//! withdrawn, its [`Link::lost`] token cancelled and the connection closed; the
-//! next round starts after a pause that doubles from `reconnect_min` to
+//! error on the connection, a closed channel, a consumer that ends, a publish
+//! channel on which RabbitMQ has refused every publish for [`crate::REFUSED_FOR`])
+//! the link is withdrawn, its [`Link::lost`] token cancelled and the connection
+//! closed; the next round starts after a pause that doubles from `reconnect_min` to
 //! `reconnect_max`, with jitter.
 
 use std::future::Future;
@@ -60,6 +61,8 @@ pub struct Consume {
     pub exclusive: bool,
     /// Capacity of the channel the deliveries leave through.
     pub buffer: usize,
+    /// Arguments of `basic.consume` (a stream's `x-stream-offset`, say); usually empty.
+    pub arguments: FieldTable,
 }
 
 /// A delivery, with the link it came on (ack it there; once [`Link::lost`] is
@@ -329,7 +332,7 @@ async fn build(
                         exclusive: c.exclusive,
                         ..Default::default()
                     },
-                    FieldTable::default(),
+                    c.arguments.clone(),
                 )
                 .await?;
             tags.push(consumer.tag());
@@ -339,11 +342,13 @@ async fn build(
     }
     let link = Link {
         conn,
+        refusals: publishers.iter().map(|_| Default::default()).collect(),
         publishers,
         consumers: channels,
         consumer_tags: tags,
         blocked: AtomicBool::new(false),
         lost: CancellationToken::new(),
+        refused: CancellationToken::new(),
         generation,
     };
     Ok((link, consumers, events))
@@ -385,6 +390,15 @@ async fn forward(
     }
 }
 
+/// Whether `e` is a soft (channel-level) AMQP error: the broker closed one channel,
+/// not the connection.
+fn is_channel_error(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(a) if matches!(a.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+    )
+}
+
 /// Watches a link until it fails (`Some(reason)`) or the supervisor stops (`None`).
 async fn hold(
     s: &Shared,
@@ -398,7 +412,16 @@ async fn hold(
         tokio::select! {
             _ = s.stop.cancelled() => return None,
             _ = failed.cancelled() => return Some("a consumer ended".into()),
+            _ = link.refused.cancelled() => {
+                return Some("a publish channel refuses every publish".into());
+            }
             ev = events.next() => match ev {
+                // A channel-level error on a channel outside the link's set (opened
+                // with `Link::open_channel`) closes only that channel; one of the
+                // set fails the link (its channel is closed by now).
+                Some(Event::Error(e)) if is_channel_error(&e) && link.is_open() => {
+                    debug!(error = %e, "a channel outside the link's set was closed");
+                }
                 Some(Event::Error(e)) => return Some(e.to_string()),
                 Some(Event::ConnectionBlocked(reason)) => {
                     warn!(reason, "RabbitMQ blocks publishers");

@@ -44,6 +44,7 @@ fn start(urls: Vec<String>, q: &str, runs: Arc<AtomicUsize>) -> (Amqp, mpsc::Rec
             no_ack: false,
             exclusive: true,
             buffer: 16,
+            arguments: FieldTable::default(),
         }],
     };
     let (amqp, mut rx) = Amqp::start(settings(urls), plan, move |ch| {
@@ -159,6 +160,40 @@ async fn a_channel_error_replaces_the_whole_link() {
     amqp.shutdown().await;
 }
 
+/// A channel opened outside the link's set may be closed by the broker (here: an
+/// exclusive queue another connection holds, 405 RESOURCE_LOCKED) without the link
+/// being given up.
+#[tokio::test]
+async fn an_error_on_a_channel_outside_the_set_leaves_the_link_whole() {
+    let vhost = broker().vhost("link-outside").await;
+    let (a, _rxa) = start(vec![vhost.amqp_url.clone()], "q.held", Arc::default());
+    let (b, _rxb) = start(vec![vhost.amqp_url.clone()], "q.other", Arc::default());
+    let _la = up(&a, 0).await;
+    let lb = up(&b, 0).await;
+    let ch = lb.open_channel().await.unwrap();
+    let refused = ch
+        .queue_declare(
+            ShortString::from("q.held"),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(refused.is_err(), "another connection holds q.held");
+    // The supervisor checks every 250 ms; give it a few rounds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!lb.lost().is_cancelled(), "the link was given up");
+    assert_eq!(b.link().unwrap().generation(), lb.generation());
+    assert_eq!(
+        lb.publish(0, to_queue("q.other", b"z"), T).await.unwrap(),
+        Routed::Yes
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_node_is_skipped_for_the_next() {
     let vhost = broker().vhost("link-nodes").await;
@@ -223,4 +258,70 @@ async fn cancelled_consumers_take_no_more_deliveries() {
     assert!(link.can_publish() && !link.lost().is_cancelled());
     amqp.shutdown().await;
     within(WAIT, "the link to close", link.lost().cancelled()).await;
+}
+
+/// A channel whose every publish RabbitMQ refuses (negative confirms, for
+/// `REFUSED_FOR` and at least `REFUSED_AT_LEAST` times) fails its link, which is
+/// replaced; a refusal now and then among confirmed publishes does not.
+#[tokio::test]
+async fn a_channel_refusing_every_publish_replaces_the_link() {
+    let vhost = broker().vhost("link-refused").await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (amqp, _rx) = start(vec![vhost.amqp_url.clone()], "q.refused", runs);
+    let link = up(&amqp, 0).await;
+    // A queue that is always full and refuses what does not fit.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    link.channel(0)
+        .queue_declare("q.full".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+
+    // Refusals on channel 1 between confirmed publishes: the link stays.
+    for _ in 0..mosaic_amqp::REFUSED_AT_LEAST * 2 {
+        assert!(matches!(
+            link.publish(1, to_queue("q.full", b"x"), T).await,
+            Err(PublishError::Nacked)
+        ));
+        assert_eq!(
+            link.publish(1, to_queue("q.refused", b"y"), T)
+                .await
+                .unwrap(),
+            Routed::Yes
+        );
+    }
+    // Nothing but refusals on channel 0 (channel 1 still confirms): replaced after
+    // REFUSED_FOR.
+    let first = std::time::Instant::now();
+    let mut refused = 0;
+    loop {
+        assert!(
+            first.elapsed() < mosaic_amqp::REFUSED_FOR + T,
+            "still whole after {refused} refusals"
+        );
+        match link.publish(0, to_queue("q.full", b"x"), T).await {
+            Err(PublishError::Nacked) => refused += 1,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        if link.refused_all() {
+            break;
+        }
+        assert_eq!(
+            link.publish(1, to_queue("q.refused", b"y"), T)
+                .await
+                .unwrap(),
+            Routed::Yes
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(first.elapsed() >= mosaic_amqp::REFUSED_FOR);
+    assert!(!link.can_publish());
+    within(WAIT, "the link to be given up", link.lost().cancelled()).await;
+    let again = up(&amqp, link.generation()).await;
+    assert!(again.can_publish());
+    amqp.shutdown().await;
 }

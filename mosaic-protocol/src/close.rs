@@ -14,12 +14,15 @@ pub const INTERNAL_ERROR: u16 = 1011;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Bad token, or the token expired without refresh.
 pub const UNAUTHORIZED: u16 = 4401;
-/// A refresh token named a different device (`sub`).
+/// A refresh token named a different device (`sub`), or the device's tokens were
+/// revoked (reason "revoked").
 pub const FORBIDDEN: u16 = 4403;
 /// No `auth` frame within the auth timeout.
 pub const AUTH_TIMEOUT: u16 = 4408;
 /// A newer session of the same device replaced this one.
 pub const REPLACED: u16 = 4409;
+/// Hive ended the session (`DELETE /v1/devices/{device}/session`).
+pub const KICKED: u16 = 4410;
 /// The device did not read what was sent to it fast enough (outbound queue full).
 pub const SLOW_CONSUMER: u16 = 4429;
 
@@ -45,8 +48,16 @@ pub enum DisconnectReason {
     /// The gateway could not set the session up with RabbitMQ (closed with 1013
     /// before `welcome`).
     BrokerUnavailable,
+    /// Hive ended the session (close 4410).
+    Kicked,
+    /// The gateway replica holding the session vanished without closing it (a crash,
+    /// a network partition): device-service announces this on the gateway's behalf.
+    GatewayLost,
     /// Anything else: an I/O error on the socket.
     Error,
+    /// The device was disabled or deleted in the registry (closed with 4403
+    /// "revoked").
+    Revoked,
 }
 
 impl DisconnectReason {
@@ -62,7 +73,10 @@ impl DisconnectReason {
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::PolicyViolation => "policy_violation",
             DisconnectReason::BrokerUnavailable => "broker_unavailable",
+            DisconnectReason::Kicked => "kicked",
+            DisconnectReason::GatewayLost => "gateway_lost",
             DisconnectReason::Error => "error",
+            DisconnectReason::Revoked => "revoked",
         }
     }
 }

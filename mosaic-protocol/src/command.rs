@@ -30,14 +30,32 @@
 //! device's `data` as JSON bytes (`null` when undeliverable).
 
 /// `kind` header on `mosaic.commands`.
+///
+/// `event` and `request` reach devices; the other kinds are the fleet's questions to
+/// the gateways themselves and never reach a device (see [`crate::fleet`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Fire and forget: the device gets an `event` frame.
     Event,
-    /// The device gets a `request` frame and must answer.
+    /// The device gets a `request` frame and must answer. With a `group.<name>` or
+    /// `broadcast` key it is a scatter-gather request: each gateway first answers a
+    /// [`ReplyKind::Fanout`] report naming the devices it asked.
     Request,
     /// Session control between gateways; never sent to a device.
     Takeover,
+    /// "Is this device connected here?" (key `device.<uuid>`): answered
+    /// [`ReplyKind::Presence`] by the gateway holding it.
+    Presence,
+    /// "End this device's session" (key `device.<uuid>`): the gateway closes it with
+    /// 4410 and answers [`ReplyKind::Kicked`].
+    Kick,
+    /// "List your devices" (key `broadcast`): every gateway answers one page,
+    /// [`ReplyKind::Listing`].
+    List,
+    /// "Announce yourself now" (key `broadcast`): every gateway publishes its
+    /// announcement on `mosaic.fleet` at once (a device-service replica that starts
+    /// learns the fleet without waiting a whole interval).
+    Announce,
 }
 
 impl Kind {
@@ -47,6 +65,10 @@ impl Kind {
             Kind::Event => "event",
             Kind::Request => "request",
             Kind::Takeover => "takeover",
+            Kind::Presence => "presence",
+            Kind::Kick => "kick",
+            Kind::List => "list",
+            Kind::Announce => "announce",
         }
     }
 
@@ -56,6 +78,10 @@ impl Kind {
             "event" => Some(Kind::Event),
             "request" => Some(Kind::Request),
             "takeover" => Some(Kind::Takeover),
+            "presence" => Some(Kind::Presence),
+            "kick" => Some(Kind::Kick),
+            "list" => Some(Kind::List),
+            "announce" => Some(Kind::Announce),
             _ => None,
         }
     }
@@ -68,6 +94,15 @@ pub enum ReplyKind {
     Response,
     /// The request cannot be answered; the `reason` header says why.
     Undeliverable,
+    /// Answer to [`Kind::Presence`]: the body is a [`crate::fleet::Presence`].
+    Presence,
+    /// Answer to [`Kind::Kick`]: the session is closing.
+    Kicked,
+    /// Answer to [`Kind::List`]: the body is a [`crate::fleet::Page`].
+    Listing,
+    /// A gateway's report on a scatter-gather request, sent before any device gets
+    /// it: the body is a [`crate::fleet::FanoutReport`].
+    Fanout,
 }
 
 impl ReplyKind {
@@ -76,6 +111,10 @@ impl ReplyKind {
         match self {
             ReplyKind::Response => "response",
             ReplyKind::Undeliverable => "undeliverable",
+            ReplyKind::Presence => "presence",
+            ReplyKind::Kicked => "kicked",
+            ReplyKind::Listing => "listing",
+            ReplyKind::Fanout => "fanout",
         }
     }
 
@@ -84,6 +123,10 @@ impl ReplyKind {
         match s {
             "response" => Some(ReplyKind::Response),
             "undeliverable" => Some(ReplyKind::Undeliverable),
+            "presence" => Some(ReplyKind::Presence),
+            "kicked" => Some(ReplyKind::Kicked),
+            "listing" => Some(ReplyKind::Listing),
+            "fanout" => Some(ReplyKind::Fanout),
             _ => None,
         }
     }
@@ -95,8 +138,11 @@ pub mod undeliverable {
     pub const DEVICE_DISCONNECTED: &str = "device_disconnected";
     /// The request reached a gateway that no longer holds the device.
     pub const DEVICE_NOT_CONNECTED: &str = "device_not_connected";
-    /// The device's outbound queue was full (slow consumer).
+    /// The device's outbound queue was full (slow consumer), or it holds as many
+    /// pending requests as it may.
     pub const DEVICE_BUSY: &str = "device_busy";
+    /// The device declared its services, and the request's `name` is not among them.
+    pub const SERVICE_NOT_SUPPORTED: &str = "service_not_supported";
 }
 
 /// Top-level names Hive may not use as extra fields of an event or request: the
@@ -109,10 +155,25 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in [Kind::Event, Kind::Request, Kind::Takeover] {
+        for k in [
+            Kind::Event,
+            Kind::Request,
+            Kind::Takeover,
+            Kind::Presence,
+            Kind::Kick,
+            Kind::List,
+            Kind::Announce,
+        ] {
             assert_eq!(Kind::parse(k.as_str()), Some(k));
         }
-        for k in [ReplyKind::Response, ReplyKind::Undeliverable] {
+        for k in [
+            ReplyKind::Response,
+            ReplyKind::Undeliverable,
+            ReplyKind::Presence,
+            ReplyKind::Kicked,
+            ReplyKind::Listing,
+            ReplyKind::Fanout,
+        ] {
             assert_eq!(ReplyKind::parse(k.as_str()), Some(k));
         }
         assert_eq!(Kind::parse("x"), None);

@@ -19,6 +19,14 @@ pub const EVENTS: &str = "mosaic.events";
 /// Topic exchange, durable: everything Hive sends towards devices.
 pub const COMMANDS: &str = "mosaic.commands";
 
+/// Topic exchange, durable: the fleet's own traffic between replicas. Gateways
+/// announce themselves here ([`gateway_up_key`], [`gateway_down_key`]); a
+/// device-service replica announces a gateway it declared lost
+/// ([`gateway_lost_key`]). Nothing a device or Hive sends travels on it.
+pub const FLEET: &str = "mosaic.fleet";
+/// Binding pattern on [`FLEET`] for every gateway announcement.
+pub const ALL_GATEWAYS: &str = "gateway.#";
+
 /// Direct exchange, durable: the per-device bindings of the gateways
 /// ([`device_key`]). Bound to [`COMMANDS`] with [`ALL_DEVICES`]; nobody publishes to
 /// it directly.
@@ -50,7 +58,7 @@ pub fn event_key(device: Uuid, name: &str) -> String {
     key
 }
 
-/// `lifecycle.<device>.<connected|disconnected>`.
+/// `lifecycle.<device>.<connected|disconnected|registered>`.
 pub fn lifecycle_key(device: Uuid, event: Lifecycle) -> String {
     format!("lifecycle.{device}.{}", event.as_str())
 }
@@ -61,13 +69,37 @@ pub fn device_key(device: Uuid) -> String {
     format!("device.{device}")
 }
 
-/// The two lifecycle events of a device session.
+/// `group.<name>`: the key on [`COMMANDS`] that reaches every connected member of a
+/// group (see [`crate::fleet::valid_group`] for the names). Each gateway replica
+/// binds its queue once per group that one of its sessions belongs to.
+pub fn group_key(group: &str) -> String {
+    format!("group.{group}")
+}
+
+/// `gateway.<id>.up`: a gateway replica's periodic announcement on [`FLEET`].
+pub fn gateway_up_key(gateway: Uuid) -> String {
+    format!("gateway.{gateway}.up")
+}
+
+/// `gateway.<id>.down`: a gateway replica that shuts down cleanly says so on [`FLEET`].
+pub fn gateway_down_key(gateway: Uuid) -> String {
+    format!("gateway.{gateway}.down")
+}
+
+/// `gateway.<id>.lost`: device-service declared the gateway lost (it fell silent).
+pub fn gateway_lost_key(gateway: Uuid) -> String {
+    format!("gateway.{gateway}.lost")
+}
+
+/// The lifecycle events of a device session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
     /// The device authenticated and its session began.
     Connected,
     /// The session ended; the message carries a `reason`.
     Disconnected,
+    /// The device declared its services or attributes again (a `register` frame).
+    Registered,
 }
 
 impl Lifecycle {
@@ -76,6 +108,17 @@ impl Lifecycle {
         match self {
             Lifecycle::Connected => "connected",
             Lifecycle::Disconnected => "disconnected",
+            Lifecycle::Registered => "registered",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "connected" => Some(Lifecycle::Connected),
+            "disconnected" => Some(Lifecycle::Disconnected),
+            "registered" => Some(Lifecycle::Registered),
+            _ => None,
         }
     }
 }

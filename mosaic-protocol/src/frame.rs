@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::fleet::Capabilities;
 use crate::header;
 
 /// Longest event or request name, in characters.
@@ -38,16 +39,24 @@ pub mod code {
     /// `nack`: no queue takes the message (nothing consumes device events yet, for
     /// instance before device-service first started); send it again later.
     pub const UNROUTABLE: &str = "unroutable";
+    /// `renew`: the device is not in the registry, or is disabled.
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 /// A frame a device sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
-    /// `{"type":"auth","token":"<jwt>"}`: first authentication or refresh.
+    /// `{"type":"auth","token":"<jwt>","services"?:[..],"attributes"?:{..}}`: first
+    /// authentication or refresh, optionally declaring capabilities.
     Auth {
         /// The JWT. Never log it.
         token: String,
+        /// `services` and `attributes`, when the frame carries them.
+        capabilities: Capabilities,
     },
+    /// `{"type":"register","services"?:[..],"attributes"?:{..}}`: declares (again)
+    /// what the device offers; at least one of the two fields.
+    Register(Capabilities),
     /// `{"type":"event","name":..,"data":..,"id":..,...extra}`.
     Event(DeviceEvent),
     /// `{"type":"response","request_id":..,"status":..,"data":..}`.
@@ -59,6 +68,14 @@ pub enum ClientFrame {
         /// The device's answer.
         data: Value,
     },
+    /// `{"type":"enrol","code":"<one-time code>"}`: instead of `auth`, a device
+    /// without a token trades an enrolment code for one.
+    Enrol {
+        /// The one-time code. Never log it.
+        code: String,
+    },
+    /// `{"type":"renew"}`: an authenticated device asks for a fresh token.
+    Renew,
 }
 
 /// An event sent by a device.
@@ -109,9 +126,23 @@ impl ClientFrame {
             None => return Err(FrameError::bad("missing field `type`")),
         };
         match kind.as_str() {
-            "auth" => Ok(ClientFrame::Auth {
-                token: take_string(&mut obj, "token")?,
-            }),
+            "auth" => {
+                let token = take_string(&mut obj, "token")?;
+                let capabilities = Capabilities::take(&mut obj).map_err(FrameError::bad)?;
+                Ok(ClientFrame::Auth {
+                    token,
+                    capabilities,
+                })
+            }
+            "register" => {
+                let capabilities = Capabilities::take(&mut obj).map_err(FrameError::bad)?;
+                if capabilities.is_empty() {
+                    return Err(FrameError::bad(
+                        "a register frame needs `services` or `attributes`",
+                    ));
+                }
+                Ok(ClientFrame::Register(capabilities))
+            }
             "event" => {
                 if let Some(reserved) = obj.keys().find(|k| header::is_reserved(k)) {
                     return Err(FrameError {
@@ -151,6 +182,10 @@ impl ClientFrame {
                     extra: obj,
                 }))
             }
+            "enrol" => Ok(ClientFrame::Enrol {
+                code: take_string(&mut obj, "code")?,
+            }),
+            "renew" => Ok(ClientFrame::Renew),
             "response" => {
                 let request_id = take_string(&mut obj, "request_id")?;
                 let status = take_string(&mut obj, "status")?;
@@ -226,6 +261,22 @@ pub enum ServerFrame {
         /// What was wrong.
         message: String,
     },
+    /// An enrolment code was accepted: the device's first token. `welcome` follows.
+    Enrolled {
+        /// The device the code was issued for.
+        device: Uuid,
+        /// Its token (a JWT); keep it for the next connections.
+        token: String,
+        /// When the token expires, RFC 3339.
+        expires_at: String,
+    },
+    /// A `renew` was granted: a fresh token, which the session now runs under.
+    Renewed {
+        /// The new token (a JWT).
+        token: String,
+        /// When it expires, RFC 3339.
+        expires_at: String,
+    },
     /// An event from Hive.
     Event {
         /// The command's id (UUID).
@@ -238,6 +289,12 @@ pub enum ServerFrame {
         /// Every extra field Hive sent.
         #[serde(flatten)]
         extra: Map<String, Value>,
+    },
+    /// A `register` frame (or capabilities in `auth`) was taken.
+    Registered {
+        /// The services the device declared now; `null` when it declared none (every
+        /// request reaches it).
+        services: Option<Vec<String>>,
     },
     /// A request from Hive that the device must answer with a `response`.
     Request {
@@ -315,6 +372,17 @@ mod tests {
                 "`request_id`",
             ),
             (r#"{"type":"auth"}"#, code::BAD_FRAME, "`token`"),
+            (
+                r#"{"type":"auth","token":"t","services":"a"}"#,
+                code::BAD_FRAME,
+                "`services`",
+            ),
+            (r#"{"type":"register"}"#, code::BAD_FRAME, "`services`"),
+            (
+                r#"{"type":"register","attributes":[1]}"#,
+                code::BAD_FRAME,
+                "`attributes`",
+            ),
         ] {
             let err = ClientFrame::parse(text).unwrap_err();
             assert_eq!(err.code, code, "{text}");
@@ -323,6 +391,36 @@ mod tests {
         let long = "x".repeat(MAX_NAME_CHARS + 1);
         let text = json!({"type":"event","name":long}).to_string();
         assert_eq!(ClientFrame::parse(&text).unwrap_err().code, code::BAD_FRAME);
+    }
+
+    #[test]
+    fn capabilities_ride_in_auth_and_register() {
+        let f = ClientFrame::parse(r#"{"type":"auth","token":"t","services":["b","a"]}"#).unwrap();
+        let ClientFrame::Auth {
+            token,
+            capabilities,
+        } = f
+        else {
+            panic!()
+        };
+        assert_eq!(token, "t");
+        assert_eq!(capabilities.services, Some(vec!["a".into(), "b".into()]));
+        let f = ClientFrame::parse(r#"{"type":"register","attributes":{"fw":"2"}}"#).unwrap();
+        let ClientFrame::Register(c) = f else {
+            panic!()
+        };
+        assert_eq!(c.services, None);
+        assert_eq!(c.attributes.unwrap()["fw"], "2");
+        let attrs = format!(r#"{{"a":"{}"}}"#, "x".repeat(9000));
+        let text = format!(r#"{{"type":"register","attributes":{attrs}}}"#);
+        assert_eq!(ClientFrame::parse(&text).unwrap_err().code, code::BAD_FRAME);
+        assert_eq!(
+            serde_json::to_value(ServerFrame::Registered {
+                services: Some(vec!["a".into()])
+            })
+            .unwrap(),
+            json!({"type":"registered","services":["a"]})
+        );
     }
 
     #[test]
@@ -371,6 +469,31 @@ mod tests {
             panic!()
         };
         assert_eq!(e.data, json!([u64::MAX, i64::MIN]));
+    }
+
+    #[test]
+    fn enrol_and_renew_frames() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"enrol","code":"ABCD"}"#).unwrap(),
+            ClientFrame::Enrol {
+                code: "ABCD".into()
+            }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"renew"}"#).unwrap(),
+            ClientFrame::Renew
+        );
+        for bad in [r#"{"type":"enrol"}"#, r#"{"type":"enrol","code":7}"#] {
+            assert_eq!(ClientFrame::parse(bad).unwrap_err().code, code::BAD_FRAME);
+        }
+        let f = ServerFrame::Renewed {
+            token: "t".into(),
+            expires_at: "e".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            json!({"type":"renewed","token":"t","expires_at":"e"})
+        );
     }
 
     #[test]

@@ -36,6 +36,25 @@ pub const DURATION_MS: &str = "duration_ms";
 pub const STATUS: &str = "status";
 /// A request's deadline, RFC 3339.
 pub const DEADLINE: &str = "deadline";
+/// The services a device declared (lifecycle `connected` and `registered`).
+pub const SERVICES: &str = "services";
+/// The attributes a device declared (lifecycle `connected` and `registered`).
+pub const ATTRIBUTES: &str = "attributes";
+/// The groups of a device's session (lifecycle `connected`).
+pub const GROUPS: &str = "groups";
+/// When the session began, RFC 3339 (lifecycle messages of device-service).
+pub const CONNECTED_AT: &str = "connected_at";
+/// A fleet command's paging cursor: list devices after this id.
+pub const AFTER: &str = "after";
+/// A fleet command's page size.
+pub const LIMIT: &str = "limit";
+/// A fleet command's group filter (or the group a fan-out targets).
+pub const GROUP: &str = "group";
+/// A fleet command's service filter.
+pub const SERVICE: &str = "service";
+/// A lifecycle `connected` message sent again for a session that had been declared
+/// lost (`true`), see `docs/fleet.md`.
+pub const RESUMED: &str = "resumed";
 
 /// The names the gateway injects into every device message; a device may not send
 /// them as top-level fields (error `reserved_field`).

@@ -11,6 +11,10 @@
 //! - [`close`]: WebSocket close codes and the reasons a session ends.
 //! - [`command`]: the messages that cross `mosaic.commands` and the reply path
 //!   between device-service and websocket-service.
+//! - [`fleet`]: group names, declared capabilities, and the bodies of the fleet's
+//!   messages (gateway announcements, presence, listing pages, fan-out reports).
+//! - [`registry`]: the device registry's bus messages, the revocations stream, and
+//!   the gateway -> device-service requests (enrol, renew).
 //!
 //! No I/O lives here: only names, shapes and the rules that both ends must share.
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
@@ -18,9 +22,11 @@
 pub mod close;
 pub mod command;
 pub mod exchange;
+pub mod fleet;
 pub mod frame;
 pub mod header;
 pub mod json;
+pub mod registry;
 
 /// Namespace for UUIDv5 message ids derived from (device, device-chosen id).
 ///

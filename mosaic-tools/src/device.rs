@@ -58,6 +58,35 @@ pub enum Credentials {
         /// Claims (the `sub` is the device).
         spec: TokenSpec,
     },
+    /// A one-time enrolment code: the first connection sends `enrol` instead of
+    /// `auth` and keeps the token the gateway answers with for the next ones.
+    Enrol(Arc<Enrolment>),
+}
+
+/// An enrolment code, and the token it was traded for once it was.
+#[derive(Debug)]
+pub struct Enrolment {
+    code: String,
+    token: std::sync::Mutex<Option<String>>,
+}
+
+impl Enrolment {
+    /// Credentials that enrol with `code`.
+    pub fn credentials(code: impl Into<String>) -> Credentials {
+        Credentials::Enrol(Arc::new(Enrolment {
+            code: code.into(),
+            token: std::sync::Mutex::new(None),
+        }))
+    }
+
+    /// The token received, once enrolled.
+    pub fn token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn store(&self, token: String) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+    }
 }
 
 impl Credentials {
@@ -65,13 +94,22 @@ impl Credentials {
         match self {
             Credentials::Token(t) => Ok(t.clone()),
             Credentials::Mint { signer, spec } => Ok(token::mint(signer, spec)?),
+            Credentials::Enrol(e) => Ok(e.token().unwrap_or_default()),
+        }
+    }
+
+    /// The code to send instead of a token, while not enrolled yet.
+    fn enrol_code(&self) -> Option<&str> {
+        match self {
+            Credentials::Enrol(e) if e.token().is_none() => Some(&e.code),
+            _ => None,
         }
     }
 
     /// When to send a refreshed token: at 80 % of a minted token's lifetime.
     fn refresh_after(&self) -> Option<Duration> {
         match self {
-            Credentials::Token(_) => None,
+            Credentials::Token(_) | Credentials::Enrol(_) => None,
             Credentials::Mint { spec, .. } => {
                 Some(spec.ttl.mul_f64(0.8).max(Duration::from_secs(1)))
             }
@@ -121,6 +159,9 @@ pub struct DeviceConfig {
     pub events: EventPlan,
     /// How to answer requests.
     pub answer: Answer,
+    /// The services and attributes it declares: in its `auth` frame when it
+    /// authenticates in band, else in a `register` frame after `welcome`.
+    pub capabilities: mosaic_protocol::fleet::Capabilities,
     /// First reconnect delay.
     pub backoff_base: Duration,
     /// Longest reconnect delay.
@@ -274,6 +315,16 @@ pub async fn run(
     }
 }
 
+/// Adds the declared `services` and `attributes` to a frame.
+fn declare(c: &mosaic_protocol::fleet::Capabilities, frame: &mut Value) {
+    if let Some(s) = &c.services {
+        frame["services"] = json!(s);
+    }
+    if let Some(a) = &c.attributes {
+        frame["attributes"] = Value::Object(a.clone());
+    }
+}
+
 /// Upgrades, authenticates and waits for `welcome`.
 async fn connect(
     cfg: &DeviceConfig,
@@ -286,7 +337,8 @@ async fn connect(
             .as_str()
             .into_client_request()
             .map_err(|e| SessionEnd::Io(format!("invalid URL: {e}")))?;
-        if !cfg.in_band {
+        let enrol = cfg.credentials.enrol_code();
+        if !cfg.in_band && enrol.is_none() {
             let value = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| SessionEnd::Io("the token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
@@ -315,7 +367,14 @@ async fn connect(
                             "hello (auth within {auth_timeout_ms} ms): sending auth frame"
                         ),
                     );
-                    let auth = json!({"type": "auth", "token": token}).to_string();
+                    let auth = match enrol {
+                        Some(code) => json!({"type": "enrol", "code": code}).to_string(),
+                        None => {
+                            let mut auth = json!({"type": "auth", "token": token});
+                            declare(&cfg.capabilities, &mut auth);
+                            auth.to_string()
+                        }
+                    };
                     ws.send(Message::text(auth))
                         .await
                         .map_err(|e| SessionEnd::Io(e.to_string()))?;
@@ -326,10 +385,35 @@ async fn connect(
                     expires_at,
                 } => {
                     let text = format!("device={device} session={session} expires_at={expires_at}");
+                    // Capabilities not declared in an `auth` frame go in a `register`.
+                    let declared = cfg.in_band && enrol.is_none();
+                    if !declared && !cfg.capabilities.is_empty() {
+                        let mut register = json!({"type": "register"});
+                        declare(&cfg.capabilities, &mut register);
+                        let register = register.to_string();
+                        say(cfg, format_args!("-> {register}"));
+                        ws.send(Message::text(register))
+                            .await
+                            .map_err(|e| SessionEnd::Io(e.to_string()))?;
+                    }
                     return Ok((ws, text));
                 }
                 ServerFrame::Error { code, message } => {
                     say(cfg, format_args!("<- error {code}: {message}"));
+                }
+                ServerFrame::Enrolled {
+                    device,
+                    expires_at,
+                    token,
+                    ..
+                } => {
+                    say(
+                        cfg,
+                        format_args!("<- enrolled device={device} expires_at={expires_at}"),
+                    );
+                    if let Credentials::Enrol(e) = &cfg.credentials {
+                        e.store(token);
+                    }
                 }
                 other => say(cfg, format_args!("<- unexpected before welcome: {other:?}")),
             }
@@ -540,6 +624,10 @@ async fn on_frame(
             Stats::add(&stats.errors, 1);
             say(cfg, format_args!("<- error {code}: {message}"));
         }
+        ServerFrame::Enrolled { .. } => say(cfg, format_args!("<- enrolled")),
+        ServerFrame::Renewed { expires_at, .. } => {
+            say(cfg, format_args!("<- renewed, expires_at={expires_at}"))
+        }
         ServerFrame::Event {
             id,
             name,
@@ -588,6 +676,10 @@ async fn on_frame(
             );
         }
         ServerFrame::Hello { .. } => say(cfg, format_args!("<- hello (unexpected)")),
+        ServerFrame::Registered { services } => match services {
+            Some(s) => say(cfg, format_args!("<- registered: services {s:?}")),
+            None => say(cfg, format_args!("<- registered (no services declared)")),
+        },
     }
     Ok(())
 }

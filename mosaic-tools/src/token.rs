@@ -63,6 +63,9 @@ pub struct Claims {
     /// Issuer, when the gateway checks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// The device's groups (see docs/fleet.md), when it has any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// A key to sign with, and its algorithm.
@@ -190,6 +193,8 @@ pub struct TokenSpec {
     pub aud: Option<String>,
     /// `iss` claim.
     pub iss: Option<String>,
+    /// `groups` claim (omitted when empty).
+    pub groups: Vec<String>,
 }
 
 impl TokenSpec {
@@ -201,6 +206,7 @@ impl TokenSpec {
             kid: None,
             aud: None,
             iss: None,
+            groups: Vec::new(),
         }
     }
 
@@ -216,6 +222,7 @@ impl TokenSpec {
             exp: iat.saturating_add(self.ttl.as_secs().max(1)),
             aud: self.aud.clone(),
             iss: self.iss.clone(),
+            groups: self.groups.clone(),
         }
     }
 }
@@ -282,6 +289,7 @@ MCowBQYDK2VwAyEAvkOYO+Z/i2/CdoNYG4LseEnEsyC/PIqN/BoMRXKmu+M=
             kid: Some("k1".into()),
             aud: Some("mosaic".into()),
             iss: Some("ops".into()),
+            groups: vec!["site-7".into()],
         }
     }
 
@@ -308,6 +316,7 @@ MCowBQYDK2VwAyEAvkOYO+Z/i2/CdoNYG4LseEnEsyC/PIqN/BoMRXKmu+M=
                     .unwrap();
             assert_eq!(data.claims.sub, spec.sub.to_string());
             assert_eq!(data.claims.exp - data.claims.iat, 3600);
+            assert_eq!(data.claims.groups, ["site-7"]);
             // Another secret does not verify it.
             let other = DecodingKey::from_secret(b"another-secret-another-secret-xx");
             assert!(decode::<Claims>(&token, &other, &validation(alg)).is_err());

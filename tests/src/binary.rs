@@ -91,6 +91,75 @@ pub fn manifest_literal(name: &str) -> String {
         .to_owned()
 }
 
+/// The path of a workspace binary built next to the running test executable
+/// (`<target>/<profile>/<name>`), for tests outside the binary's own package, which
+/// Cargo gives no `CARGO_BIN_EXE_<name>` (`cargo test --workspace` builds every
+/// service binary before any test runs).
+///
+/// Panics, naming the command that fixes it, when the binary is missing or older
+/// than any source file its dep-info file (`<name>.d`, written by Cargo) lists: a
+/// test must never drive yesterday's code.
+pub fn workspace_bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // <target>/<profile>/deps/<test>-<hash>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in <target>/<profile>/deps");
+    let bin = dir.join(name);
+    let build = format!("build it first: cargo build -p {name}");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; {build}", bin.display()));
+    let depinfo = dir.join(format!("{name}.d"));
+    let text = std::fs::read_to_string(&depinfo)
+        .unwrap_or_else(|e| panic!("{}: {e}; {build}", depinfo.display()));
+    for source in depinfo_sources(&text) {
+        // A source that is gone or changed since the build: the binary is stale.
+        let stale = match std::fs::metadata(&source).and_then(|m| m.modified()) {
+            Ok(changed) => changed > built,
+            Err(_) => true,
+        };
+        if stale {
+            panic!(
+                "{} is older than {} (or that file is gone); {build}",
+                bin.display(),
+                source.display()
+            );
+        }
+    }
+    bin.to_string_lossy().into_owned()
+}
+
+/// The prerequisites of the first rule of a Makefile-style dep-info file (`target:
+/// dep dep ...`, spaces in paths escaped with a backslash).
+fn depinfo_sources(text: &str) -> Vec<PathBuf> {
+    let Some(line) = text.lines().next() else {
+        return Vec::new();
+    };
+    let Some((_, deps)) = line.split_once(": ") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut chars = deps.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ' ' => {
+                if !current.is_empty() {
+                    out.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        out.push(PathBuf::from(current));
+    }
+    out
+}
+
 /// A running service binary, listening on a free loopback port.
 ///
 /// Started with [`Running::start_logged`] or [`Running::spawn_logged`], its standard
@@ -103,6 +172,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The file holding its standard error, and the directory that owns the file.
     log: Option<(PathBuf, tempfile::TempDir)>,
+    /// For [`Running::metric`]: one kept-alive connection, not one per poll.
+    http: reqwest::Client,
 }
 
 impl Running {
@@ -161,7 +232,12 @@ impl Running {
             None
         };
         let child = cmd.spawn().expect("the binary starts");
-        Running { child, addr, log }
+        Running {
+            child,
+            addr,
+            log,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Its process id.
@@ -199,6 +275,29 @@ impl Running {
         within(WAIT, "the killed binary to be reaped", self.child.wait())
             .await
             .expect("wait for the binary")
+    }
+
+    /// The value of one series in its `GET /metrics` answer (Prometheus text), such
+    /// as `mosaic_amqp_connections_total{link="device-service",outcome="lost"}`;
+    /// `None` when the series is absent. Panics when `/metrics` does not answer.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = within(WAIT, "GET /metrics", async {
+            self.http
+                .get(format!("http://{}/metrics", self.addr))
+                .send()
+                .await
+                .expect("GET /metrics")
+                .text()
+                .await
+                .expect("the metrics text")
+        })
+        .await;
+        metric_value(&text, series)
+    }
+
+    /// Whether the process is still running (not exited, not reaped).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends SIGTERM.
@@ -254,4 +353,39 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// The value of `series` (a metric name with its labels, exactly as rendered) in
+/// Prometheus text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depinfo_prerequisites_with_escaped_spaces() {
+        let text = "/t/debug/svc: /w/a.rs /w/my\\ dir/b.rs\n\n/w/a.rs:\n";
+        assert_eq!(
+            depinfo_sources(text),
+            vec![PathBuf::from("/w/a.rs"), PathBuf::from("/w/my dir/b.rs")]
+        );
+        assert!(depinfo_sources("").is_empty());
+    }
+
+    #[test]
+    fn a_series_is_found_by_its_exact_labels() {
+        let text = "# TYPE c counter\nc{a=\"x\",b=\"y\"} 3\nc{a=\"x\"} 1\n";
+        assert_eq!(metric_value(text, "c{a=\"x\"}"), Some(1.0));
+        assert_eq!(metric_value(text, "c{a=\"x\",b=\"y\"}"), Some(3.0));
+        assert_eq!(metric_value(text, "c{a=\"z\"}"), None);
+    }
 }

@@ -105,6 +105,21 @@ impl Broker {
     /// # anyhow::Ok(())
     /// ```
     pub fn start_with(config: &NodeConfig) -> anyhow::Result<Self> {
+        // A port chosen free can be taken by someone else before the node binds it;
+        // the node then fails to boot, and a second choice of ports is made.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(config) {
+                Err(e) if attempt < 3 && e.to_string().contains(PORT_IN_USE) => {
+                    eprintln!("RabbitMQ could not bind a port ({e}); trying other ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(config: &NodeConfig) -> anyhow::Result<Self> {
         check_installed()?;
         let dir = tempfile::Builder::new()
             .prefix("mosaic-rabbit-")
@@ -163,6 +178,17 @@ impl Broker {
                 && let Some(status) = p.watchdog.exited()
             {
                 bail!("RabbitMQ exited during start ({status})");
+            }
+            let out = self
+                .log_dir()
+                .and_then(|d| std::fs::read_to_string(d.join("server.out")).ok())
+                .unwrap_or_default();
+            if out.contains("BOOT FAILED") {
+                let port_clash = out.contains("port_already_used") || out.contains("eaddrinuse");
+                bail!(
+                    "RabbitMQ failed to boot{}:\n{out}",
+                    if port_clash { PORT_IN_USE } else { "" }
+                );
             }
             if started.elapsed() > START_TIMEOUT {
                 let out = self
@@ -299,8 +325,58 @@ rm -rf "$D"
 exit 0
 "#;
 
-/// Distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen).
+/// What a boot failure over a port taken by someone else says (a retry is worth it).
+const PORT_IN_USE: &str = " (a port it was given is in use)";
+
+/// The lowest port [`free_ports`] hands out.
+const FREE_PORTS_FROM: u16 = 20_000;
+
+/// Distinct free TCP ports on 127.0.0.1 (all held until every one is chosen), below
+/// the kernel's ephemeral range when there is room for them there.
+///
+/// A port chosen here is bound later by another process: a RabbitMQ node binds its
+/// ports seconds later. A port of the ephemeral range (what binding port 0 gives)
+/// can be taken meanwhile as the local port of any outgoing connection on the
+/// machine, and tests open many (a connection that closes keeps its port in
+/// TIME_WAIT for a minute): the node then fails to boot ("could not bind to
+/// distribution port"). Outgoing connections never use ports below the range.
+/// Each candidate is checked by binding it without `SO_REUSEADDR`, as a server that
+/// does not set it would, so a port held in TIME_WAIT is passed over too.
 pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let low = ephemeral_low().unwrap_or(32_768);
+    if low < FREE_PORTS_FROM + 1_000 {
+        return ephemeral_ports();
+    }
+    let span = u128::from(low - FREE_PORTS_FROM);
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    let mut tries = 0;
+    while held.len() < N {
+        tries += 1;
+        if tries > 10_000 {
+            bail!("no {N} free ports between {FREE_PORTS_FROM} and {low}");
+        }
+        let port = FREE_PORTS_FROM + (uuid::Uuid::new_v4().as_u128() % span) as u16;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        if socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+            .is_ok()
+        {
+            ports[held.len()] = port;
+            held.push(socket);
+        }
+    }
+    Ok(ports)
+}
+
+/// The first port of the kernel's ephemeral range (Linux).
+fn ephemeral_low() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// Distinct free ports the kernel chooses (from its ephemeral range).
+fn ephemeral_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     let listeners: Vec<TcpListener> = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
@@ -351,4 +427,26 @@ fn percent(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports = free_ports::<8>().unwrap();
+        let low = ephemeral_low().unwrap_or(32_768);
+        for (i, p) in ports.iter().enumerate() {
+            assert!(!ports[..i].contains(p), "{ports:?}");
+            if low >= FREE_PORTS_FROM + 1_000 {
+                assert!(
+                    (FREE_PORTS_FROM..low).contains(p),
+                    "{p} (range starts at {low})"
+                );
+            }
+            // Free once chosen: a server can listen on it.
+            TcpListener::bind(("127.0.0.1", *p)).unwrap();
+        }
+    }
 }

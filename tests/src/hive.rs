@@ -12,6 +12,7 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ pub struct Recorded {
     pub at: Instant,
     /// The status the stand-in answered (0 while it is still hanging).
     pub answered: u16,
+    /// When it answered (`None` while it is still hanging).
+    pub answered_at: Option<Instant>,
 }
 
 impl Recorded {
@@ -172,6 +175,19 @@ impl HiveStandIn {
             .collect()
     }
 
+    /// How many times each `Idempotency-Key` was answered 2xx so far (cheap enough to
+    /// poll with thousands of requests recorded: no body is copied).
+    pub fn delivered_keys(&self) -> HashMap<String, usize> {
+        let seen = self.inner.seen.lock().unwrap();
+        let mut keys = HashMap::new();
+        for r in seen.iter().filter(|r| (200..300).contains(&r.answered)) {
+            if let Some(k) = r.header("idempotency-key") {
+                *keys.entry(k.to_owned()).or_insert(0) += 1;
+            }
+        }
+        keys
+    }
+
     /// Waits until at least `n` requests arrived (panics after `timeout`).
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
         self.wait_until(timeout, &format!("{n} requests to Hive"), |seen| {
@@ -225,6 +241,7 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
             body: body.clone(),
             at: Instant::now(),
             answered: 0,
+            answered_at: None,
         });
         n
     };
@@ -238,7 +255,11 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
         inner.changed.notify_waiters();
         tokio::time::sleep(answer.delay).await;
     }
-    inner.seen.lock().unwrap()[n].answered = answer.status;
+    {
+        let mut seen = inner.seen.lock().unwrap();
+        seen[n].answered = answer.status;
+        seen[n].answered_at = Some(Instant::now());
+    }
     inner.changed.notify_waiters();
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut res = (status, format!("stand-in answered {}", answer.status)).into_response();

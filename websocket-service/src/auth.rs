@@ -5,7 +5,9 @@
 //! `kid`). The token's `alg` must belong to the chosen key's family, so `alg: none`
 //! and algorithm/key-type confusion are refused. `exp` and `sub` (a UUID) are always
 //! required; `aud` and `iss` are required and checked when configured; `nbf` is
-//! honoured; the leeway is `JWT_LEEWAY_SECS`.
+//! honoured; the leeway is `JWT_LEEWAY_SECS`. An optional `groups` claim names the
+//! device's groups (`mosaic_protocol::fleet::parse_groups`): anything but an array of
+//! valid names, `null` or nothing refuses the token as bad claims.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -65,6 +67,10 @@ pub enum AuthError {
     /// A required claim is missing, or `aud`/`iss`/`sub` is wrong.
     #[error("invalid claims")]
     Claims,
+    /// The device was disabled or deleted after this token was issued (its `iat`),
+    /// or the token has no `iat` and the device was ever revoked.
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -78,17 +84,22 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
             AuthError::Claims => "claims",
+            AuthError::Revoked => "revoked",
         }
     }
 }
 
 /// A verified token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The device (`sub`).
     pub device: Uuid,
     /// `exp`, seconds since the Unix epoch.
     pub exp: u64,
+    /// The `groups` claim: sorted, each once; empty when absent or `null`.
+    pub groups: Vec<String>,
+    /// `iat`, seconds since the Unix epoch, when the token has one.
+    pub iat: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +148,8 @@ impl std::fmt::Debug for Verifier {
 struct Claims {
     sub: String,
     exp: u64,
+    groups: Option<serde_json::Value>,
+    iat: Option<u64>,
 }
 
 impl Verifier {
@@ -263,9 +276,13 @@ impl Verifier {
             _ => AuthError::Claims,
         })?;
         let device = Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError::Claims)?;
+        let groups = mosaic_protocol::fleet::parse_groups(data.claims.groups.as_ref())
+            .map_err(|_| AuthError::Claims)?;
         Ok(Identity {
             device,
             exp: data.claims.exp,
+            groups,
+            iat: data.claims.iat,
         })
     }
 }
@@ -309,6 +326,33 @@ mod tests {
             .verify(&hs(json!({"sub": d, "exp": now() + 60})))
             .unwrap();
         assert_eq!(id.device, d);
+    }
+
+    #[test]
+    fn the_groups_claim_is_an_array_of_names_or_nothing() {
+        let d = Uuid::new_v4();
+        let v = verifier(None, None);
+        let exp = now() + 60;
+        for (groups, want) in [
+            (json!(null), Some(vec![])),
+            (
+                json!(["b", "a"]),
+                Some(vec!["a".to_owned(), "b".to_owned()]),
+            ),
+            (json!([]), Some(vec![])),
+            (json!("a"), None),
+            (json!(["a.b"]), None),
+            (json!([1]), None),
+            (json!({"a": 1}), None),
+        ] {
+            let got = v.verify(&hs(json!({"sub": d, "exp": exp, "groups": groups})));
+            match want {
+                Some(g) => assert_eq!(got.unwrap().groups, g, "{groups}"),
+                None => assert_eq!(got.unwrap_err(), AuthError::Claims, "{groups}"),
+            }
+        }
+        let id = v.verify(&hs(json!({"sub": d, "exp": exp}))).unwrap();
+        assert!(id.groups.is_empty());
     }
 
     #[test]

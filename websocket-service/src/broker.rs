@@ -8,6 +8,10 @@
 //! ([`Broker::start`] returns its receiver); what to bind again after a reconnect
 //! comes in through the [`Held`] callback. This module knows nothing of sessions.
 //!
+//! The revocations stream (`mosaic.revocations`, see `mosaic_protocol::registry`)
+//! is declared here too and consumed from its first entry on a channel of its own;
+//! its deliveries leave through a second receiver ([`Broker::start`]).
+//!
 //! Each device is served by one publish channel (picked from its id), so its events,
 //! lifecycle messages and bindings reach the broker in order.
 //!
@@ -25,6 +29,7 @@
 //! bind closes the channel). When a new link comes up the task binds every device
 //! the replica holds, and the replica is ready only once that is done.
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -34,7 +39,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 use mosaic_amqp::{Amqp, Consume, Incoming, Link, Plan, Publish, Routed, Settings};
-use mosaic_protocol::exchange;
+use mosaic_protocol::{exchange, registry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -49,6 +54,8 @@ const PUBLISH_CHANNELS: usize = 4;
 const COMMAND_PREFETCH: u16 = 512;
 /// Topology operations waiting for the topology task.
 const TOPOLOGY_QUEUE: usize = 4096;
+/// Revocations delivered and not yet acknowledged (a stream needs a prefetch).
+const REVOCATIONS_PREFETCH: u16 = 1000;
 
 /// Why a message was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -72,6 +79,10 @@ pub(crate) trait Held: Send + Sync + 'static {
     fn devices(&self) -> Vec<Uuid>;
     /// Whether a session of `device` is held now.
     fn holds(&self, device: Uuid) -> bool;
+    /// Every group with a session held now.
+    fn groups(&self) -> Vec<String>;
+    /// Whether a session of `group` is held now.
+    fn has_group(&self, group: &str) -> bool;
 }
 
 /// What readiness depends on: the link, and the generation whose bindings are made.
@@ -85,6 +96,9 @@ enum TopologyOp {
     /// Bind the device; answer whether the bind was sent on a link.
     Bind(Uuid, oneshot::Sender<bool>),
     Unbind(Uuid),
+    /// Bind or unbind each group as [`Held::has_group`] says now; answer whether
+    /// every bind was sent on a link.
+    SyncGroups(Vec<String>, Option<oneshot::Sender<bool>>),
 }
 
 /// Handle to the replica's broker link, shared by every session.
@@ -97,6 +111,9 @@ pub(crate) struct Broker {
     topology_rx: std::sync::Mutex<Option<mpsc::Receiver<TopologyOp>>>,
     /// The generation of the link whose device bindings are all made.
     synced: watch::Sender<u64>,
+    /// Bumped whenever the set of bound groups changes.
+    groups_changed: watch::Sender<u64>,
+    gateway: Uuid,
 }
 
 impl std::fmt::Debug for TopologyOp {
@@ -104,6 +121,7 @@ impl std::fmt::Debug for TopologyOp {
         match self {
             TopologyOp::Bind(d, _) => write!(f, "Bind({d})"),
             TopologyOp::Unbind(d) => write!(f, "Unbind({d})"),
+            TopologyOp::SyncGroups(g, _) => write!(f, "SyncGroups({g:?})"),
         }
     }
 }
@@ -119,36 +137,78 @@ impl Broker {
             topology: tx,
             topology_rx: std::sync::Mutex::new(Some(rx)),
             synced: watch::channel(0).0,
+            groups_changed: watch::channel(0).0,
+            gateway,
         }
     }
 
+    /// This replica's command queue.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Changes whenever the set of bound groups changes.
+    pub fn groups_changed(&self) -> watch::Receiver<u64> {
+        self.groups_changed.subscribe()
+    }
+
     /// Starts the supervised link and the topology task; returns this replica's
-    /// command deliveries. Call once.
+    /// command deliveries and the revocations stream's. Call once.
     pub fn start(
         self: &Arc<Self>,
         settings: Settings,
         held: Arc<dyn Held>,
-    ) -> mpsc::Receiver<Incoming> {
+    ) -> (mpsc::Receiver<Incoming>, mpsc::Receiver<Incoming>) {
         let queue = ShortString::from(self.queue.clone());
         let plan = Plan {
             publishers: PUBLISH_CHANNELS,
-            consumers: vec![Consume {
-                queue: queue.clone(),
-                tag: ShortString::from(format!("{}-consumer", self.queue)),
-                prefetch: COMMAND_PREFETCH,
-                no_ack: false,
-                exclusive: true,
-                buffer: usize::from(COMMAND_PREFETCH),
-            }],
+            consumers: vec![
+                Consume {
+                    queue: queue.clone(),
+                    tag: ShortString::from(format!("{}-consumer", self.queue)),
+                    prefetch: COMMAND_PREFETCH,
+                    no_ack: false,
+                    exclusive: true,
+                    buffer: usize::from(COMMAND_PREFETCH),
+                    arguments: FieldTable::default(),
+                },
+                Consume {
+                    queue: registry::REVOCATIONS_STREAM.into(),
+                    tag: ShortString::from(format!("{}-revocations", self.queue)),
+                    prefetch: REVOCATIONS_PREFETCH,
+                    no_ack: false,
+                    exclusive: false,
+                    buffer: usize::from(REVOCATIONS_PREFETCH),
+                    arguments: {
+                        let mut t = FieldTable::default();
+                        t.insert("x-stream-offset".into(), long("first"));
+                        t
+                    },
+                },
+            ],
         };
-        let (amqp, mut rx) = Amqp::start(settings, plan, move |ch| declare(ch, queue.clone()));
+        let lost_key = ShortString::from(exchange::gateway_lost_key(self.gateway));
+        let (amqp, mut rx) = Amqp::start(settings, plan, move |ch| {
+            declare(ch, queue.clone(), lost_key.clone())
+        });
         let links = amqp.watch();
         assert!(self.amqp.set(amqp).is_ok(), "the broker starts once");
         let ops = self.topology_rx.lock().unwrap().take();
         if let Some(ops) = ops {
             tokio::spawn(topology_task(self.clone(), held, ops, links));
         }
-        rx.remove(0)
+        let revocations = rx.remove(1);
+        (rx.remove(0), revocations)
+    }
+
+    /// Follows the link (`None` before [`Broker::start`]).
+    pub fn links(&self) -> Option<watch::Receiver<Option<Arc<Link>>>> {
+        self.amqp.get().map(Amqp::watch)
+    }
+
+    /// The current link's generation, when connected.
+    pub fn generation(&self) -> Option<u64> {
+        self.link().map(|l| l.generation())
     }
 
     /// Closes the link (bounded); nothing is published afterwards.
@@ -241,6 +301,37 @@ impl Broker {
         sent.unwrap_or(false)
     }
 
+    /// Binds `group.<name>` for each of `groups` that a held session belongs to, and
+    /// unbinds the others (see [`Held::has_group`]). True once every bind was sent on
+    /// a live link.
+    pub async fn sync_groups(&self, groups: &[String]) -> bool {
+        if groups.is_empty() {
+            return true;
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::timeout(self.publish_timeout, async {
+            self.topology
+                .send(TopologyOp::SyncGroups(groups.to_vec(), Some(tx)))
+                .await
+                .is_ok()
+                && rx.await.unwrap_or(false)
+        })
+        .await;
+        sent.unwrap_or(false)
+    }
+
+    /// As [`Broker::sync_groups`], without waiting for the outcome (a session that
+    /// ends).
+    pub async fn release_groups(&self, groups: &[String]) {
+        if groups.is_empty() {
+            return;
+        }
+        let op = self
+            .topology
+            .send(TopologyOp::SyncGroups(groups.to_vec(), None));
+        let _ = tokio::time::timeout(self.publish_timeout, op).await;
+    }
+
     /// Removes the device's binding unless a session of it is held again by the time
     /// the topology task gets to it.
     pub async fn unbind(&self, device: Uuid) {
@@ -249,13 +340,30 @@ impl Broker {
     }
 }
 
+/// A header or argument value as a `LongString`.
+fn long(s: &str) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString(s.into())
+}
+
 /// The publish channel of a device.
 fn channel_of(device: Uuid) -> usize {
     (device.as_u128() % PUBLISH_CHANNELS as u128) as usize
 }
 
+/// The publish channel of a group's binding.
+fn channel_of_group(group: &str) -> usize {
+    group
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+        % PUBLISH_CHANNELS
+}
+
 /// The topology every connection of a replica needs.
-async fn declare(ch: Channel, queue: ShortString) -> Result<(), lapin::Error> {
+async fn declare(
+    ch: Channel,
+    queue: ShortString,
+    lost_key: ShortString,
+) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -264,6 +372,7 @@ async fn declare(ch: Channel, queue: ShortString) -> Result<(), lapin::Error> {
         (exchange::EVENTS, ExchangeKind::Topic),
         (exchange::COMMANDS, ExchangeKind::Topic),
         (exchange::COMMANDS_DEVICES, ExchangeKind::Direct),
+        (exchange::FLEET, ExchangeKind::Topic),
     ] {
         ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
             .await?;
@@ -277,6 +386,18 @@ async fn declare(ch: Channel, queue: ShortString) -> Result<(), lapin::Error> {
         FieldTable::default(),
     )
     .await?;
+    let mut stream = FieldTable::default();
+    stream.insert("x-queue-type".into(), long("stream"));
+    stream.insert("x-max-age".into(), long(registry::REVOCATIONS_MAX_AGE));
+    ch.queue_declare(
+        registry::REVOCATIONS_STREAM.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        stream,
+    )
+    .await?;
     ch.queue_declare(
         queue.clone(),
         QueueDeclareOptions {
@@ -288,13 +409,49 @@ async fn declare(ch: Channel, queue: ShortString) -> Result<(), lapin::Error> {
     )
     .await?;
     ch.queue_bind(
-        queue,
+        queue.clone(),
         exchange::COMMANDS.into(),
         exchange::BROADCAST_KEY.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
+    .await?;
+    ch.queue_bind(
+        queue,
+        exchange::FLEET.into(),
+        lost_key,
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
     .await
+}
+
+async fn bind_group_on(
+    link: &Link,
+    queue: &ShortString,
+    group: &str,
+    bind: bool,
+) -> lapin::Result<()> {
+    let ch = link.channel(channel_of_group(group));
+    let key = ShortString::from(exchange::group_key(group));
+    if bind {
+        ch.queue_bind(
+            queue.clone(),
+            exchange::COMMANDS.into(),
+            key,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    } else {
+        ch.queue_unbind(
+            queue.clone(),
+            exchange::COMMANDS.into(),
+            key,
+            FieldTable::default(),
+        )
+        .await
+    }
 }
 
 async fn bind_on(link: &Link, queue: &ShortString, device: Uuid, wait: bool) -> lapin::Result<()> {
@@ -326,6 +483,21 @@ async fn resync(link: &Link, queue: &ShortString, held: &dyn Held) -> lapin::Res
     Ok(devices.len())
 }
 
+/// Binds every held group on a new link.
+async fn resync_groups(
+    link: &Link,
+    queue: &ShortString,
+    held: &dyn Held,
+    bound: &mut HashSet<String>,
+) -> lapin::Result<()> {
+    bound.clear();
+    for g in held.groups() {
+        bind_group_on(link, queue, &g, true).await?;
+        bound.insert(g);
+    }
+    Ok(())
+}
+
 async fn topology_task(
     broker: Arc<Broker>,
     held: Arc<dyn Held>,
@@ -336,15 +508,27 @@ async fn topology_task(
     // The last generation a resync was tried on: a link whose resync failed is
     // failing, and the next one is synced instead.
     let mut tried = 0;
+    // The groups bound on the current link.
+    let mut bound = HashSet::new();
     loop {
         let link = links.borrow_and_update().clone();
         if let Some(link) = &link
             && link.generation() != tried
         {
             tried = link.generation();
-            match resync(link, &queue, &*held).await {
+            let synced = match resync_groups(link, &queue, &*held, &mut bound).await {
+                Ok(()) => resync(link, &queue, &*held).await,
+                Err(e) => Err(e),
+            };
+            broker.groups_changed.send_modify(|v| *v += 1);
+            match synced {
                 Ok(n) => {
-                    tracing::info!(devices = n, generation = tried, "device bindings made");
+                    tracing::info!(
+                        devices = n,
+                        groups = bound.len(),
+                        generation = tried,
+                        "device and group bindings made"
+                    );
                     broker.synced.send_replace(tried);
                 }
                 Err(e) => tracing::warn!(error = %e, "binding the held devices failed"),
@@ -366,6 +550,38 @@ async fn topology_task(
                         None => false,
                     };
                     let _ = done.send(sent);
+                }
+                Some(TopologyOp::SyncGroups(groups, done)) => {
+                    let mut ok = link.is_some();
+                    let mut changed = false;
+                    if let Some(link) = &link {
+                        for g in groups {
+                            let want = held.has_group(&g);
+                            if want == bound.contains(&g) {
+                                continue;
+                            }
+                            match bind_group_on(link, &queue, &g, want).await {
+                                Ok(()) => {
+                                    changed = true;
+                                    if want {
+                                        bound.insert(g);
+                                    } else {
+                                        bound.remove(&g);
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(group = %g, error = %e, "group binding failed");
+                                    ok = false;
+                                }
+                            }
+                        }
+                    }
+                    if changed {
+                        broker.groups_changed.send_modify(|v| *v += 1);
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(ok);
+                    }
                 }
                 Some(TopologyOp::Unbind(device)) => {
                     let Some(link) = &link else { continue };

@@ -9,6 +9,10 @@
 //! the fleet. A request
 //! that finds no session here, or a full queue, is answered `undeliverable` at once.
 //! `kind` `takeover` closes an older local session of the device with 4409.
+//!
+//! The fleet's kinds (`presence`, `kick`, `list`, `announce`), the `group.<name>`
+//! routing key and scatter-gather requests (`request` with `group.<name>` or
+//! `broadcast`) are handled by `crate::fleet`, as are messages from `mosaic.fleet`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +62,10 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut commands: mpsc::Receiver<Incoming>
 
 /// Handles one delivery from the replica queue. Never blocks.
 pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
+    if d.exchange.as_str() == exchange::FLEET {
+        crate::fleet::on_fleet_message(gw, d);
+        return;
+    }
     let headers = match d.properties.headers().as_ref() {
         Some(t) => match amqp_value_json::from_field_table(t) {
             Ok(h) => h,
@@ -68,11 +76,27 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         },
         None => Map::new(),
     };
+    if header_str(&headers, header::KIND) == Some(mosaic_protocol::registry::KIND_RPC_REPLY) {
+        // device-service's answer to an enrol or renew of this replica.
+        gw.rpc.answer(d);
+        return;
+    }
     let Some(kind) = header_str(&headers, header::KIND).and_then(Kind::parse) else {
         tracing::warn!(routing_key = %d.routing_key, "command without a known kind dropped");
         return;
     };
     let key = d.routing_key.as_str();
+    if let Some(group) = key.strip_prefix("group.") {
+        match kind {
+            Kind::Event => {
+                let text = frame(kind, headers, &d.data, None);
+                crate::fleet::group_event(gw, group, text);
+            }
+            Kind::Request => crate::fleet::fanout(gw, Some(group), headers, d),
+            _ => tracing::warn!(routing_key = %key, "group command of an unexpected kind dropped"),
+        }
+        return;
+    }
     let target = if key == exchange::BROADCAST_KEY {
         None
     } else if let Some(device) = key
@@ -84,6 +108,18 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         tracing::warn!(routing_key = %key, "command with an unexpected routing key dropped");
         return;
     };
+    match (kind, target) {
+        (Kind::Presence, Some(device)) => return crate::fleet::presence(gw, device, &headers, d),
+        (Kind::Kick, Some(device)) => return crate::fleet::kick(gw, device, &headers, d),
+        (Kind::List, None) => return crate::fleet::list(gw, &headers, d),
+        (Kind::Announce, None) => return gw.fleet.announce_now(),
+        (Kind::Request, None) => return crate::fleet::fanout(gw, None, headers, d),
+        (Kind::Presence | Kind::Kick | Kind::List | Kind::Announce, _) => {
+            tracing::warn!(routing_key = %key, kind = kind.as_str(), "fleet command with an unexpected routing key dropped");
+            return;
+        }
+        _ => {}
+    }
     match kind {
         Kind::Takeover => takeover(gw, &headers, target),
         Kind::Event => {
@@ -108,12 +144,11 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
             }
         }
         Kind::Request => {
-            let Some(device) = target else {
-                tracing::warn!("broadcast request dropped: requests name one device");
-                return;
-            };
-            request(gw, device, headers, d);
+            if let Some(device) = target {
+                request(gw, device, headers, d);
+            }
         }
+        Kind::Presence | Kind::Kick | Kind::List | Kind::Announce => {}
     }
 }
 
@@ -143,7 +178,9 @@ fn takeover(gw: &Arc<Gateway>, headers: &Map<String, Value>, target: Option<Uuid
     }
 }
 
-fn frame(
+/// The device frame of a command: `{"type":<kind>, ...headers without kind,
+/// "deadline"?, "data":<body>}`.
+pub(crate) fn frame(
     kind: Kind,
     headers: Map<String, Value>,
     body: &[u8],
@@ -233,6 +270,13 @@ fn request(
         }
         return answer(undeliverable::DEVICE_NOT_CONNECTED);
     };
+    // A device that declared its services gets only requests for them; the gateway
+    // refuses the others at once.
+    if let Some(name) = header_str(&headers, header::NAME)
+        && !h.info.offers(name)
+    {
+        return answer(undeliverable::SERVICE_NOT_SUPPORTED);
+    }
     let text = frame(
         Kind::Request,
         headers,
@@ -307,6 +351,7 @@ mod tests {
             session: Uuid::now_v7(),
             tx,
             control: control.clone(),
+            info: Arc::default(),
         };
         gw.registry.insert(device, handle);
         assert_eq!(request(&gw, device, h.clone(), &d), None);
@@ -336,6 +381,7 @@ mod tests {
             session: Uuid::now_v7(),
             tx,
             control: Arc::default(),
+            info: Arc::default(),
         };
         gw.registry.insert(device, handle);
         assert_eq!(request(&gw, device, h, &d), None);

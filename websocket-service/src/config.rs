@@ -113,6 +113,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_MS))]
     pub shutdown_grace_ms: u64,
 
+    /// Interval of this replica's announcements on `mosaic.fleet`, in milliseconds:
+    /// device-service declares a replica silent for three intervals (at least its
+    /// own `FLEET_LOST_AFTER_MS`) lost.
+    #[arg(long, env = "FLEET_ANNOUNCE_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub fleet_announce_ms: u64,
+
     /// WebSocket connections this replica holds at once, authenticated or not; past
     /// it `GET /v1/connect` answers 503 before the upgrade.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20_000,
@@ -136,6 +143,12 @@ pub struct Config {
     #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 4_096,
           value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
     pub max_http_connections: u64,
+
+    /// Longest wait for device-service to answer an `enrol` or `renew`, in
+    /// milliseconds.
+    #[arg(long, env = "RPC_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub rpc_timeout_ms: u64,
 
     /// This replica's id (names its command queue); a random UUID when unset.
     #[arg(long, env = "GATEWAY_ID")]

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::auth::Verifier;
+use crate::auth::{AuthError, Identity, Verifier};
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::registry::Registry;
 
 /// Per-session limits, from the configuration.
@@ -55,10 +56,16 @@ pub(crate) struct Gateway {
     pub registry: Arc<Registry>,
     pub broker: Arc<Broker>,
     pub readiness: Readiness,
+    /// The replica's announcements on `mosaic.fleet`.
+    pub fleet: Fleet,
     /// Cancelled when shutdown begins: sessions close with 1001.
     pub shutdown: CancellationToken,
     /// Every session task and every reply publish, awaited at shutdown.
     pub tracker: TaskTracker,
+    /// Revoked devices, from the revocations stream.
+    pub revocations: crate::revocations::Revocations,
+    /// Requests to device-service (enrol, renew).
+    pub rpc: crate::rpc::Rpc,
 }
 
 impl Gateway {
@@ -67,21 +74,39 @@ impl Gateway {
         let id = config.gateway_id.unwrap_or_else(Uuid::new_v4);
         let limits = Limits::from_config(config);
         Ok(Gateway {
+            revocations: Default::default(),
+            rpc: crate::rpc::Rpc::new(
+                format!("mosaic.gateway.{id}"),
+                Duration::from_millis(config.rpc_timeout_ms),
+            ),
             id,
             broker: Arc::new(Broker::new(id, limits.publish_timeout)),
             limits,
             verifier: Verifier::from_config(config)?,
             registry: Arc::default(),
             readiness: Readiness::new(),
+            fleet: Fleet::new(Duration::from_millis(config.fleet_announce_ms)),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         })
     }
 
-    /// Ready when connected to RabbitMQ with every device bound, and not shutting down.
+    /// Ready when connected to RabbitMQ with every device bound and every
+    /// revocation read, and not shutting down.
     pub fn update_readiness(&self) {
+        let caught_up = self.broker.generation() == Some(self.revocations.caught_up());
         self.readiness
-            .set(!self.shutdown.is_cancelled() && self.broker.ready());
+            .set(!self.shutdown.is_cancelled() && self.broker.ready() && caught_up);
+    }
+
+    /// Verifies a device token: its signature and claims, and that it was not
+    /// revoked.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let identity = self.verifier.verify(token)?;
+        if self.revocations.is_revoked(identity.device, identity.iat) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(identity)
     }
 
     /// Keeps the readiness flag in step with the broker link until shutdown.
@@ -93,11 +118,13 @@ impl Gateway {
         else {
             return;
         };
+        let mut caught_up = self.revocations.watch();
         loop {
             self.update_readiness();
             tokio::select! {
                 r = links.changed() => if r.is_err() { return },
                 r = synced.changed() => if r.is_err() { return },
+                r = caught_up.changed() => if r.is_err() { return },
                 _ = self.shutdown.cancelled() => {
                     self.update_readiness();
                     return;

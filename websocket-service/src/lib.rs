@@ -15,7 +15,13 @@
 //! - `broker`: the RabbitMQ connection, its supervisor, publishing with confirms and
 //!   the per-device bindings.
 //! - `command`: commands from this replica's queue, delivered to sessions.
+//! - `fleet`: groups, capabilities, the replica's announcements on `mosaic.fleet`,
+//!   and its answers to device-service's fleet commands (presence, kick, listing,
+//!   scatter-gather requests).
 //! - `message`: the AMQP messages the gateway publishes.
+//! - `revocations`: revoked devices from the `mosaic.revocations` stream; readiness
+//!   waits until they are all read.
+//! - `rpc`: requests to device-service (enrol, renew) and their answers.
 //! - [`metrics`]: every metric name of the service.
 //!
 //! ```no_run
@@ -32,10 +38,13 @@ pub mod auth;
 mod broker;
 mod command;
 pub mod config;
+mod fleet;
 mod gateway;
 mod message;
 pub mod metrics;
 mod registry;
+mod revocations;
+mod rpc;
 mod server;
 mod session;
 

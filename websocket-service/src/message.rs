@@ -135,8 +135,20 @@ pub(crate) fn lifecycle(
     event: Lifecycle,
     ended: Option<(DisconnectReason, u64)>,
 ) -> Outgoing {
+    lifecycle_with(origin, event, ended, Map::new())
+}
+
+/// A lifecycle message with more fields (`services`, `attributes`, `groups`): they
+/// were checked to map to an AMQP table ([`crate::fleet::check`]).
+pub(crate) fn lifecycle_with(
+    origin: Origin,
+    event: Lifecycle,
+    ended: Option<(DisconnectReason, u64)>,
+    fields: Map<String, Value>,
+) -> Outgoing {
     let message_id = Uuid::now_v7();
-    let mut h = origin.headers(header::KIND_LIFECYCLE);
+    let mut h = fields;
+    h.extend(origin.headers(header::KIND_LIFECYCLE));
     h.insert(header::NAME.into(), event.as_str().into());
     h.insert(header::MESSAGE_ID.into(), message_id.to_string().into());
     h.insert(header::RECEIVED_AT.into(), now_rfc3339().into());
@@ -184,6 +196,25 @@ pub(crate) fn response(
     reply(origin.device, h, reply_to, request_id, json_body(data))
 }
 
+/// An answer of the gateway itself to a fleet command (presence, kick, listing,
+/// fan-out report), for the requester's reply queue; the body is JSON.
+pub(crate) fn fleet_reply(
+    kind: ReplyKind,
+    gateway: Uuid,
+    device: Option<Uuid>,
+    reply_to: &str,
+    request_id: &str,
+    body: Vec<u8>,
+) -> Option<Outgoing> {
+    let mut h = Map::new();
+    h.insert(header::KIND.into(), kind.as_str().into());
+    h.insert(header::GATEWAY.into(), gateway.to_string().into());
+    if let Some(d) = device {
+        h.insert(header::DEVICE.into(), d.to_string().into());
+    }
+    reply(device.unwrap_or(gateway), h, reply_to, request_id, body)
+}
+
 /// "This request cannot be answered", for the requester's reply queue.
 pub(crate) fn undeliverable(
     device: Uuid,
@@ -207,7 +238,7 @@ pub(crate) fn undeliverable(
     reply(device, h, reply_to, request_id, b"null".to_vec())
 }
 
-fn reply(
+pub(crate) fn reply(
     device: Uuid,
     h: Map<String, Value>,
     reply_to: &str,

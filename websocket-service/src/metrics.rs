@@ -34,8 +34,23 @@ pub const UNAUTHENTICATED_SOCKETS: &str = "mosaic_ws_unauthenticated_sockets";
 /// refused with 503 because a connection cap was reached.
 pub const CONNECTIONS_REFUSED: &str = "mosaic_ws_connections_refused_total";
 
+/// Counter by `command` (`presence`, `kick`, `list`, `group_event`, `group_request`,
+/// `broadcast_request`, `register`, `resume`): fleet commands handled by this replica.
+pub const FLEET_COMMANDS: &str = "mosaic_ws_fleet_commands_total";
+/// Counter: devices asked by scatter-gather requests on this replica.
+pub const FANOUT_ASKED: &str = "mosaic_ws_fanout_asked_total";
+/// Counter: announcements this replica published on `mosaic.fleet`.
+pub const ANNOUNCEMENTS: &str = "mosaic_ws_fleet_announcements_total";
+/// Gauge: devices with a revocation this replica knows of.
+pub const REVOKED_DEVICES: &str = "mosaic_ws_revoked_devices";
+/// Counter by `op` (`enrol`, `renew`) and `result` (`token`, `refused`,
+/// `no_service`, `unavailable`): requests to device-service.
+pub const RPC_REQUESTS: &str = "mosaic_ws_rpc_requests_total";
+
 /// Every metric name above (the operations guide documents each; a test checks).
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 17] = [
+    REVOKED_DEVICES,
+    RPC_REQUESTS,
     CONNECTIONS,
     AUTH_FAILURES,
     FRAMES_IN,
@@ -48,7 +63,22 @@ pub const ALL: [&str; 12] = [
     SOCKETS,
     UNAUTHENTICATED_SOCKETS,
     CONNECTIONS_REFUSED,
+    FLEET_COMMANDS,
+    FANOUT_ASKED,
+    ANNOUNCEMENTS,
 ];
+
+pub(crate) fn fleet_command(command: &'static str) {
+    counter!(FLEET_COMMANDS, "command" => command).increment(1);
+}
+
+pub(crate) fn fanout_asked(n: usize) {
+    counter!(FANOUT_ASKED).increment(n as u64);
+}
+
+pub(crate) fn announced() {
+    counter!(ANNOUNCEMENTS).increment(1);
+}
 
 pub(crate) fn session_opened() {
     gauge!(CONNECTIONS).increment(1.0);
@@ -107,4 +137,12 @@ pub(crate) fn socket_closed() {
 
 pub(crate) fn connection_refused(limit: &'static str) {
     counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(1);
+}
+
+pub(crate) fn revoked_devices(n: usize) {
+    gauge!(REVOKED_DEVICES).set(n as f64);
+}
+
+pub(crate) fn rpc(op: &'static str, result: &'static str) {
+    counter!(RPC_REQUESTS, "op" => op, "result" => result).increment(1);
 }

@@ -3,6 +3,9 @@
 //! One entry per device. Registering a device that already has an entry returns the
 //! older handle so the caller can close it (4409 replaced); a session removes only its
 //! own entry, so a replaced session never unregisters its successor.
+//!
+//! It also counts the sessions of each group (from their tokens), under the same
+//! lock: the broker binds `group.<name>` while the count is above zero.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -10,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use mosaic_protocol::close::DisconnectReason;
+use mosaic_protocol::fleet::Capabilities;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -46,12 +50,16 @@ pub(crate) struct Pending {
 pub(crate) struct Control {
     reason: AtomicU8,
     notify: Notify,
+    /// The `iat` of the token the session runs under (0: none), for revocations.
+    issued_at: std::sync::atomic::AtomicU64,
 }
 
-const REASONS: [DisconnectReason; 3] = [
+const REASONS: [DisconnectReason; 5] = [
     DisconnectReason::Replaced,
     DisconnectReason::SlowConsumer,
     DisconnectReason::Error,
+    DisconnectReason::Kicked,
+    DisconnectReason::Revoked,
 ];
 
 impl Control {
@@ -62,6 +70,16 @@ impl Control {
             .reason
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.notify.notify_one();
+    }
+
+    /// Records the `iat` of the session's current token.
+    pub fn set_issued_at(&self, iat: Option<u64>) {
+        self.issued_at.store(iat.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The `iat` of the session's current token (`None`: the token has none).
+    pub fn issued_at(&self) -> Option<u64> {
+        Some(self.issued_at.load(Ordering::Acquire)).filter(|i| *i != 0)
     }
 
     /// Resolves once [`Control::close`] was called, with its reason.
@@ -76,12 +94,37 @@ impl Control {
     }
 }
 
+/// What the fleet may ask about a session: when it began, its groups, and what the
+/// device declared it offers.
+#[derive(Debug, Default)]
+pub(crate) struct SessionInfo {
+    /// RFC 3339.
+    pub connected_at: String,
+    /// From the token; fixed for the session.
+    pub groups: Vec<String>,
+    /// Changed by `register` frames.
+    pub capabilities: Mutex<Capabilities>,
+}
+
+impl SessionInfo {
+    /// The declared capabilities now.
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities.lock().unwrap().clone()
+    }
+
+    /// Whether a request named `name` may reach the device.
+    pub fn offers(&self, name: &str) -> bool {
+        self.capabilities.lock().unwrap().offers(name)
+    }
+}
+
 /// The registry's view of one session.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionHandle {
     pub session: Uuid,
     pub tx: mpsc::Sender<Outbound>,
     pub control: Arc<Control>,
+    pub info: Arc<SessionInfo>,
 }
 
 /// How long a device that moved to another replica is remembered.
@@ -89,10 +132,36 @@ const MOVED_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 /// Above this many remembered moves, expired ones are pruned.
 const MOVED_PRUNE_AT: usize = 1024;
 
+/// The sessions and the group counts, under one lock.
+#[derive(Debug, Default)]
+struct Held {
+    map: HashMap<Uuid, SessionHandle>,
+    groups: HashMap<String, u64>,
+}
+
+impl Held {
+    fn join(&mut self, h: &SessionHandle) {
+        for g in &h.info.groups {
+            *self.groups.entry(g.clone()).or_default() += 1;
+        }
+    }
+
+    fn leave(&mut self, h: &SessionHandle) {
+        for g in &h.info.groups {
+            if let Some(n) = self.groups.get_mut(g) {
+                *n -= 1;
+                if *n == 0 {
+                    self.groups.remove(g);
+                }
+            }
+        }
+    }
+}
+
 /// Sessions held by this replica, by device.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    map: Mutex<HashMap<Uuid, SessionHandle>>,
+    map: Mutex<Held>,
     /// Devices whose session here was taken over by another replica, and when: while
     /// this replica's binding for them is being removed, a request may reach both
     /// replicas, and only the new holder should answer.
@@ -102,15 +171,23 @@ pub(crate) struct Registry {
 impl Registry {
     /// Registers `handle` for `device`, returning the session it replaces.
     pub fn insert(&self, device: Uuid, handle: SessionHandle) -> Option<SessionHandle> {
-        self.map.lock().unwrap().insert(device, handle)
+        let mut held = self.map.lock().unwrap();
+        held.join(&handle);
+        let old = held.map.insert(device, handle);
+        if let Some(old) = &old {
+            held.leave(old);
+        }
+        old
     }
 
     /// Removes `device` if `session` still holds it; says whether it did.
     pub fn remove(&self, device: Uuid, session: Uuid) -> bool {
-        let mut map = self.map.lock().unwrap();
-        match map.get(&device) {
+        let mut held = self.map.lock().unwrap();
+        match held.map.get(&device) {
             Some(h) if h.session == session => {
-                map.remove(&device);
+                if let Some(h) = held.map.remove(&device) {
+                    held.leave(&h);
+                }
                 true
             }
             _ => false,
@@ -119,22 +196,52 @@ impl Registry {
 
     /// The session holding `device`.
     pub fn get(&self, device: Uuid) -> Option<SessionHandle> {
-        self.map.lock().unwrap().get(&device).cloned()
+        self.map.lock().unwrap().map.get(&device).cloned()
     }
 
     /// Whether some session holds `device`.
     pub fn contains(&self, device: Uuid) -> bool {
-        self.map.lock().unwrap().contains_key(&device)
+        self.map.lock().unwrap().map.contains_key(&device)
     }
 
     /// Every device held now.
     pub fn devices(&self) -> Vec<Uuid> {
-        self.map.lock().unwrap().keys().copied().collect()
+        self.map.lock().unwrap().map.keys().copied().collect()
     }
 
     /// Every session held now.
     pub fn handles(&self) -> Vec<SessionHandle> {
-        self.map.lock().unwrap().values().cloned().collect()
+        self.map.lock().unwrap().map.values().cloned().collect()
+    }
+
+    /// Every session held now, with its device.
+    pub fn entries(&self) -> Vec<(Uuid, SessionHandle)> {
+        let held = self.map.lock().unwrap();
+        held.map.iter().map(|(d, h)| (*d, h.clone())).collect()
+    }
+
+    /// The sessions of the members of `group` held now.
+    pub fn members(&self, group: &str) -> Vec<(Uuid, SessionHandle)> {
+        let held = self.map.lock().unwrap();
+        if !held.groups.contains_key(group) {
+            return Vec::new();
+        }
+        held.map
+            .iter()
+            .filter(|(_, h)| h.info.groups.iter().any(|g| g == group))
+            .map(|(d, h)| (*d, h.clone()))
+            .collect()
+    }
+
+    /// Each group with at least one session here, with its number of sessions.
+    pub fn group_counts(&self) -> Vec<(String, u64)> {
+        let held = self.map.lock().unwrap();
+        held.groups.iter().map(|(g, n)| (g.clone(), *n)).collect()
+    }
+
+    /// Whether some session here belongs to `group`.
+    pub fn has_group(&self, group: &str) -> bool {
+        self.map.lock().unwrap().groups.contains_key(group)
     }
 
     /// Remembers that `device` moved to another replica.
@@ -158,7 +265,7 @@ impl Registry {
 
     /// Number of devices held.
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap().len()
+        self.map.lock().unwrap().map.len()
     }
 }
 
@@ -170,6 +277,14 @@ impl crate::broker::Held for Registry {
     fn holds(&self, device: Uuid) -> bool {
         self.contains(device)
     }
+
+    fn groups(&self) -> Vec<String> {
+        self.group_counts().into_iter().map(|(g, _)| g).collect()
+    }
+
+    fn has_group(&self, group: &str) -> bool {
+        Registry::has_group(self, group)
+    }
 }
 
 #[cfg(test)]
@@ -177,13 +292,45 @@ mod tests {
     use super::*;
 
     fn handle() -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        handle_in(&[])
+    }
+
+    fn handle_in(groups: &[&str]) -> (SessionHandle, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(1);
         let h = SessionHandle {
             session: Uuid::now_v7(),
             tx,
             control: Arc::default(),
+            info: Arc::new(SessionInfo {
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                ..Default::default()
+            }),
         };
         (h, rx)
+    }
+
+    #[test]
+    fn groups_are_counted_per_session() {
+        let r = Registry::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (ha, _r1) = handle_in(&["x", "y"]);
+        let (hb, _r2) = handle_in(&["x"]);
+        r.insert(a, ha.clone());
+        r.insert(b, hb.clone());
+        let mut counts = r.group_counts();
+        counts.sort();
+        assert_eq!(counts, vec![("x".into(), 2), ("y".into(), 1)]);
+        assert_eq!(r.members("y").len(), 1);
+        assert!(r.members("z").is_empty());
+        // A replacement with other groups moves the counts; the old session cannot
+        // remove them twice.
+        let (ha2, _r3) = handle_in(&["z"]);
+        r.insert(a, ha2.clone());
+        assert!(!r.has_group("y"));
+        assert!(!r.remove(a, ha.session));
+        assert!(r.remove(a, ha2.session));
+        assert!(r.remove(b, hb.session));
+        assert!(r.group_counts().is_empty());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! Shutdown: the `shutdown` future resolves -> stop accepting -> `/readyz` false ->
 //! every session closes with 1001 and publishes its `disconnected` message -> wait
-//! for the tracked session tasks within `SHUTDOWN_GRACE_MS` -> close the broker
-//! connection -> return. Upgraded sockets escape the HTTP server's graceful shutdown,
+//! for the tracked session tasks within `SHUTDOWN_GRACE_MS` -> announce
+//! `gateway.<id>.down` on `mosaic.fleet` -> close the broker connection -> return. Upgraded sockets escape the HTTP server's graceful shutdown,
 //! so each session holds a task-tracker token.
 //!
 //! Bounds: the HTTP server drops a client that does not send its request headers
@@ -72,9 +72,11 @@ pub async fn run(
     );
 
     let settings = config.broker.settings("websocket-service", id.to_string());
-    let commands = gw.broker.start(settings, gw.registry.clone());
+    let (commands, revocations) = gw.broker.start(settings, gw.registry.clone());
     tokio::spawn(command::run(gw.clone(), commands));
+    tokio::spawn(crate::revocations::run(gw.clone(), revocations));
     tokio::spawn(gw.clone().follow_broker());
+    tokio::spawn(crate::fleet::announce(gw.clone()));
 
     let token = gw.shutdown.clone();
     tokio::spawn({
@@ -114,6 +116,7 @@ pub async fn run(
             "shutdown grace period over with sessions still open"
         );
     }
+    crate::fleet::announce_down(&gw).await;
     gw.broker.shutdown().await;
     let result = match early {
         Some(r) => r,
@@ -230,7 +233,7 @@ async fn connect(
                 metrics::auth_failure("malformed");
                 return unauthorized("expected `Authorization: Bearer <jwt>`");
             };
-            match gw.verifier.verify(token) {
+            match gw.verify(token) {
                 Ok(i) => Some(i),
                 Err(e) => {
                     metrics::auth_failure(e.as_str());

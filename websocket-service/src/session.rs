@@ -20,6 +20,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use mosaic_protocol::close::{self, DisconnectReason};
 use mosaic_protocol::command::undeliverable;
 use mosaic_protocol::exchange::Lifecycle;
+use mosaic_protocol::fleet::Capabilities;
 use mosaic_protocol::frame::{FrameError, ServerFrame, code};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
@@ -32,8 +33,9 @@ use crate::broker::PublishError;
 use crate::gateway::Gateway;
 use crate::message::{self, Origin};
 use crate::metrics;
-use crate::registry::{Control, Outbound, Pending, SessionHandle};
+use crate::registry::{Control, Outbound, Pending, SessionHandle, SessionInfo};
 
+mod enrolment;
 mod handshake;
 mod inbound;
 
@@ -52,6 +54,8 @@ pub(super) enum Done {
     Event(Box<str>, Result<(), PublishError>),
     /// Anything else: nothing to tell the device.
     Quiet,
+    /// device-service's answer to a `renew`.
+    Renewed(Result<mosaic_protocol::registry::RpcReply, crate::rpc::RpcError>),
 }
 
 /// How a session ended: the lifecycle reason and the close frame to send, if any.
@@ -76,7 +80,11 @@ impl End {
             DisconnectReason::BrokerUnavailable => {
                 Some((close::TRY_AGAIN_LATER, "broker unavailable; retry later"))
             }
-            DisconnectReason::Error => Some((close::INTERNAL_ERROR, "internal error")),
+            DisconnectReason::Kicked => Some((close::KICKED, "kicked")),
+            DisconnectReason::GatewayLost | DisconnectReason::Error => {
+                Some((close::INTERNAL_ERROR, "internal error"))
+            }
+            DisconnectReason::Revoked => Some((close::FORBIDDEN, "revoked")),
         };
         End { reason, close }
     }
@@ -148,8 +156,8 @@ pub(crate) async fn serve<S, E>(
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let identity = match identity {
-        Some(i) => i,
+    let (identity, capabilities) = match identity {
+        Some(i) => (i, Capabilities::default()),
         None => match Box::pin(authenticate(&gw, &mut socket)).await {
             Some(i) => i,
             None => return,
@@ -158,7 +166,7 @@ pub(crate) async fn serve<S, E>(
     slot.authenticated();
     let session = Uuid::now_v7();
     let span = tracing::info_span!("session", device = %identity.device, %session);
-    run_session(gw, socket, identity, session)
+    run_session(gw, socket, identity, capabilities, session)
         .instrument(span)
         .await;
 }
@@ -228,13 +236,20 @@ pub(super) fn expires_at(exp: u64) -> String {
 
 pub(super) struct State {
     origin: Origin,
+    info: Arc<SessionInfo>,
+    control: Arc<Control>,
     pending: Vec<Pending>,
     inflight: FuturesOrdered<Confirm>,
     bad_frames: u32,
 }
 
-async fn run_session<S, E>(gw: Arc<Gateway>, mut socket: S, identity: Identity, session: Uuid)
-where
+async fn run_session<S, E>(
+    gw: Arc<Gateway>,
+    mut socket: S,
+    identity: Identity,
+    capabilities: Capabilities,
+    session: Uuid,
+) where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     E: std::fmt::Display,
 {
@@ -248,16 +263,29 @@ where
     };
     let (tx, mut rx) = mpsc::channel(limits.outbound_queue);
     let control = Arc::new(Control::default());
+    let declared = !capabilities.is_empty();
+    let info = Arc::new(SessionInfo {
+        connected_at: message::now_rfc3339(),
+        groups: identity.groups,
+        capabilities: std::sync::Mutex::new(capabilities),
+    });
     let handle = SessionHandle {
         session,
         tx,
         control: control.clone(),
+        info: info.clone(),
     };
+    control.set_issued_at(identity.iat);
     if let Some(old) = gw.registry.insert(device, handle) {
         old.control.close(DisconnectReason::Replaced);
     }
+    // A revocation read between the token check and the insert found no session
+    // to close: look again now that this one is registered.
+    if gw.revocations.is_revoked(device, identity.iat) {
+        control.close(DisconnectReason::Revoked);
+    }
     metrics::session_opened();
-    let mut end = Box::pin(connect(&gw, origin)).await;
+    let mut end = Box::pin(connect(&gw, origin, &info)).await;
     let mut exp = identity.exp;
     let welcome = ServerFrame::Welcome {
         device,
@@ -266,6 +294,8 @@ where
     };
     let mut st = State {
         origin,
+        info,
+        control: control.clone(),
         pending: Vec::new(),
         inflight: FuturesOrdered::new(),
         bad_frames: 0,
@@ -273,6 +303,19 @@ where
     if end.is_none() && !Box::pin(send(&mut socket, &welcome, "welcome", limits.pong_timeout)).await
     {
         end = Some(End::new(DisconnectReason::Error));
+    }
+    if end.is_none() && declared {
+        let registered = crate::fleet::registered_frame(&st.info);
+        if !Box::pin(send(
+            &mut socket,
+            &registered,
+            "registered",
+            limits.pong_timeout,
+        ))
+        .await
+        {
+            end = Some(End::new(DisconnectReason::Error));
+        }
     }
     let leeway = gw.verifier.leeway();
     let mut expires = expiry(exp.saturating_add(leeway));
@@ -309,7 +352,18 @@ where
                 }
             }
             Some(done) = st.inflight.next(), if !st.inflight.is_empty() => {
-                if let Done::Event(id, result) = done {
+                if let Done::Renewed(reply) = done {
+                    let (frame, identity) = enrolment::renewed(&gw, device, reply);
+                    if let Some(i) = identity {
+                        exp = i.exp;
+                        expires = expiry(exp);
+                        control.set_issued_at(i.iat);
+                    }
+                    let kind = if matches!(frame, ServerFrame::Renewed { .. }) { "renewed" } else { "error" };
+                    if !send(&mut socket, &frame, kind, limits.pong_timeout).await {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
+                } else if let Done::Event(id, result) = done {
                     let (frame, kind) = match result {
                         Ok(()) => (ServerFrame::Ack { id: id.into() }, "ack"),
                         Err(e) => {
@@ -394,20 +448,26 @@ where
     Box::pin(finish(gw, socket, rx, st, end, started)).await;
 }
 
-/// The broker work of a connect: the device's command route, the takeover notice and
-/// the `connected` message. `Some` (close 1013) when the device must not be told
+/// The broker work of a connect: the device's command route and its groups' routes,
+/// the takeover notice and the `connected` message (with the session's groups and
+/// declared capabilities). `Some` (close 1013) when the device must not be told
 /// `welcome`: commands could not reach it, or Hive would not hear of it.
-async fn connect(gw: &Gateway, origin: Origin) -> Option<End> {
+async fn connect(gw: &Gateway, origin: Origin, info: &SessionInfo) -> Option<End> {
     // Bind before telling anyone; the takeover publish on the same channel is
     // confirmed only once the broker applied the bind (and fails if it failed).
-    if !gw.broker.bind(origin.device).await {
+    if !gw.broker.bind(origin.device).await || !gw.broker.sync_groups(&info.groups).await {
         tracing::warn!("device refused: its command route could not be bound");
         return Some(End::new(DisconnectReason::BrokerUnavailable));
     }
+    let fields = crate::fleet::connected_fields(info);
     let (takeover, connected) = tokio::join!(
         gw.broker.publish(message::takeover(origin)),
-        gw.broker
-            .publish(message::lifecycle(origin, Lifecycle::Connected, None)),
+        gw.broker.publish(message::lifecycle_with(
+            origin,
+            Lifecycle::Connected,
+            None,
+            fields
+        )),
     );
     match (takeover, connected) {
         (Ok(()), Ok(())) => {}
@@ -450,6 +510,9 @@ async fn finish<S, E>(
         if !gw.shutdown.is_cancelled() {
             gw.broker.unbind(device).await;
         }
+    }
+    if !gw.shutdown.is_cancelled() {
+        gw.broker.release_groups(&st.info.groups).await;
     }
     metrics::session_closed();
     if let Some((code, text)) = end.close {

@@ -142,10 +142,10 @@ pub(super) async fn broadcast_event(
         (status = 200, description = "The device answered", body = Answer),
         (status = 400, description = "`bad_request`: bad body or `timeout_ms` (an integer outside -2^63..2^64-1 included); `reserved_field`: an extra field named `type`, `id`, `kind`, `deadline`, `CC`, `BCC` or `x-...` (any case); `bad_device_id`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "`device_not_connected`: no gateway holds the device, or it disconnected; `service_not_supported`: the device declared its services and `name` is not one of them (refused by its gateway, never sent to the device)", body = ErrorBody),
         (status = 408, description = "`request_timeout`: the body did not arrive within `HEADER_READ_TIMEOUT_MS`", body = ErrorBody),
-        (status = 404, description = "No gateway holds the device, or it disconnected", body = ErrorBody),
         (status = 413, description = "`body_too_large`: body over `MAX_BODY_BYTES`, extra fields over 64 KiB as JSON text, or headers too large for one AMQP frame", body = ErrorBody),
-        (status = 503, description = "Broker unavailable, or too many pending requests", body = ErrorBody),
+        (status = 503, description = "`broker_unavailable`; `overloaded`: too many pending requests; `device_busy` (with `Retry-After`): the device is connected but cannot take more now", body = ErrorBody),
         (status = 504, description = "The device did not answer in time", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -176,6 +176,9 @@ impl From<CommandError> for ApiError {
                 ApiError::not_connected(message)
             }
             CommandError::DeviceBusy => ApiError::device_busy(),
+            CommandError::ServiceNotSupported(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, code::SERVICE_NOT_SUPPORTED, message)
+            }
             CommandError::Timeout(_) => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, code::DEVICE_TIMEOUT, message)
             }

@@ -36,12 +36,31 @@ pub mod code {
     /// The device is connected but cannot take more now (its pending requests or its
     /// outbound queue are full); try again after `Retry-After`.
     pub const DEVICE_BUSY: &str = "device_busy";
+    /// The device declared its services, and the request's `name` is not one of them.
+    pub const SERVICE_NOT_SUPPORTED: &str = "service_not_supported";
+    /// A group name is not 1 to 64 characters of `A-Za-z0-9_-`.
+    pub const BAD_GROUP: &str = "bad_group";
+    /// No gateway answered a fleet question in time.
+    pub const GATEWAY_TIMEOUT: &str = "gateway_timeout";
     /// No such route.
     pub const NOT_FOUND: &str = "not_found";
     /// The request body did not arrive within the time allowed.
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The route exists, not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// The route needs a setting this service runs without (`DATABASE_URL`,
+    /// `TOKEN_SIGNING_KEY`).
+    pub const NOT_CONFIGURED: &str = "not_configured";
+    /// PostgreSQL cannot be reached or failed; try again after `Retry-After`.
+    pub const DATABASE_UNAVAILABLE: &str = "database_unavailable";
+    /// No device with this id in the registry.
+    pub const DEVICE_NOT_FOUND: &str = "device_not_found";
+    /// A device with this id is in the registry.
+    pub const DEVICE_EXISTS: &str = "device_exists";
+    /// Another device has this `external_id`.
+    pub const EXTERNAL_ID_EXISTS: &str = "external_id_exists";
+    /// The device is disabled (no enrolment code for it).
+    pub const DEVICE_DISABLED: &str = "device_disabled";
 }
 
 /// An API error: a status, a snake_case code and a message for Hive's developers.

@@ -421,6 +421,7 @@ async fn simulate(
                 with_ids: true,
             },
             answer: Answer::Echo,
+            capabilities: Default::default(),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(5),
             max_in_flight: job.max_in_flight.max(1),

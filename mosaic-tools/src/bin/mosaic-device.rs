@@ -57,6 +57,15 @@ struct Args {
     /// mints (and refreshes) its own.
     #[arg(long, env = "MOSAIC_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A one-time enrolment code: the device sends `enrol` instead of `auth` and
+    /// keeps the token it gets for its reconnects (one device only; give --sub).
+    #[arg(
+        long,
+        env = "MOSAIC_ENROL_CODE",
+        hide_env_values = true,
+        conflicts_with = "token"
+    )]
+    enrol_code: Option<String>,
     #[command(flatten)]
     keys: KeySource,
     /// `kid` of minted tokens.
@@ -68,6 +77,9 @@ struct Args {
     /// `iss` of minted tokens.
     #[arg(long)]
     iss: Option<String>,
+    /// A group of minted tokens (the `groups` claim); repeat for several.
+    #[arg(long = "group", value_name = "NAME", value_parser = parse_group)]
+    groups: Vec<String>,
     /// Lifetime of minted tokens (refreshed in-band at 80 %).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     ttl: Duration,
@@ -98,6 +110,15 @@ struct Args {
     /// a 504 device_timeout).
     #[arg(long, default_value = "echo")]
     answer: Answer,
+    /// A service the device offers (a request name it answers); repeat for several.
+    /// Declared in the `auth` frame with --in-band, else in a `register` frame after
+    /// `welcome`; the gateway then refuses other requests (404
+    /// `service_not_supported`). Without it the device takes every request.
+    #[arg(long = "service", value_name = "NAME")]
+    services: Vec<String>,
+    /// Attributes to declare, a JSON object (at most 8 KiB), e.g. '{"fw":"1.2"}'.
+    #[arg(long, value_parser = parse_attributes)]
+    attributes: Option<serde_json::Map<String, Value>>,
     /// How many devices to simulate, each with its own UUID and token (needs --secret
     /// or --key).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_DEVICES as i64))]
@@ -136,6 +157,27 @@ fn parse_json(s: &str) -> Result<Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
+fn parse_group(s: &str) -> Result<String, String> {
+    if mosaic_protocol::fleet::valid_group(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`".into())
+    }
+}
+
+fn parse_attributes(s: &str) -> Result<serde_json::Map<String, Value>, String> {
+    match parse_json(s)? {
+        Value::Object(m) => {
+            let len = serde_json::to_string(&m).map_or(usize::MAX, |t| t.len());
+            if len > mosaic_protocol::fleet::MAX_ATTRIBUTES_JSON_BYTES {
+                return Err(format!("{len} bytes of JSON; at most 8192"));
+            }
+            Ok(m)
+        }
+        _ => Err("must be a JSON object".into()),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = mosaic_runtime::config::from_process();
     let rt = match tokio::runtime::Runtime::new() {
@@ -159,7 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--rate must be a number >= 0");
     }
     let signer = args.keys.signer()?.map(Arc::new);
-    if signer.is_none() && args.token.is_none() {
+    if signer.is_none() && args.token.is_none() && args.enrol_code.is_none() {
         anyhow::bail!("give --token, or --secret/--secret-file/--key to mint tokens (see --help)");
     }
     if args.devices > 1 && (signer.is_none() || args.token.is_some()) {
@@ -179,6 +221,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.devices {
         let (device, credentials) = match (&args.token, &signer) {
+            _ if args.enrol_code.is_some() => (
+                args.sub.unwrap_or_default(),
+                mosaic_tools::device::Enrolment::credentials(
+                    args.enrol_code.clone().unwrap_or_default(),
+                ),
+            ),
             (Some(t), _) => (args.sub.unwrap_or_default(), Credentials::Token(t.clone())),
             (None, Some(signer)) => {
                 let sub = args.sub.unwrap_or_else(Uuid::new_v4);
@@ -188,6 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     kid: args.kid.clone(),
                     aud: args.aud.clone(),
                     iss: args.iss.clone(),
+                    groups: args.groups.clone(),
                 };
                 let signer = signer.clone();
                 (sub, Credentials::Mint { signer, spec })
@@ -212,6 +261,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 with_ids: !args.no_ids,
             },
             answer: args.answer.clone(),
+            capabilities: mosaic_protocol::fleet::Capabilities {
+                services: (!args.services.is_empty()).then(|| {
+                    let mut s = args.services.clone();
+                    s.sort();
+                    s.dedup();
+                    s
+                }),
+                attributes: args.attributes.clone(),
+            },
             backoff_base: args.backoff_base,
             backoff_max: args.backoff_max,
             max_in_flight: args.max_in_flight.max(1),

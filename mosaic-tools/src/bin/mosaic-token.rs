@@ -40,12 +40,24 @@ struct Args {
     /// `iss` claim (must match the gateway's JWT_ISSUER when it is set).
     #[arg(long)]
     iss: Option<String>,
+    /// A group of the device (the `groups` claim); repeat for several. 1 to 64
+    /// characters of A-Z, a-z, 0-9, `_` and `-`.
+    #[arg(long = "group", value_name = "NAME", value_parser = parse_group)]
+    groups: Vec<String>,
     /// Lifetime: 90s, 15m, 1h, 7d...
     #[arg(long, default_value = "1h", value_parser = parse_ttl)]
     ttl: Duration,
     /// Print the device UUID on a second line (handy with a random --sub).
     #[arg(long)]
     print_sub: bool,
+}
+
+fn parse_group(s: &str) -> Result<String, String> {
+    if mosaic_protocol::fleet::valid_group(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`".into())
+    }
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -77,6 +89,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         kid: args.kid,
         aud: args.aud,
         iss: args.iss,
+        groups: args.groups,
     };
     let mut out = token::mint(&signer, &spec)? + "\n";
     if args.print_sub {

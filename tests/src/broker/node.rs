@@ -167,6 +167,12 @@ impl NodeSpec {
             ("RABBITMQ_MNESIA_BASE", d.join("mnesia").into()),
             ("RABBITMQ_LOG_BASE", d.join("log").into()),
             ("RABBITMQ_PID_FILE", d.join("rabbit.pid").into()),
+            // A node that fails to boot writes a crash dump into its working
+            // directory, the test's (the package's source tree): keep it with the logs.
+            (
+                "ERL_CRASH_DUMP",
+                d.join("log").join("erl_crash.dump").into(),
+            ),
             ("RABBITMQ_CONF_ENV_FILE", d.join("env.conf").into()),
             ("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf").into()),
             (

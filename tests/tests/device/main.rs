@@ -7,6 +7,7 @@
 
 mod api;
 mod outage;
+mod registry;
 mod relay;
 mod wire_rules;
 

@@ -47,6 +47,10 @@ async fn round_trip(test: &str, program: &str, script: &Path, by: &str) {
             "--interval",
             "0.2",
             "--exit",
+            "--service",
+            "read-config",
+            "--service",
+            "reboot",
         ])
         .args(["--timeout", "60"])
         .env("MOSAIC_URL", format!("ws://{}/v1/connect", stack.ws_addr))
@@ -58,8 +62,31 @@ async fn round_trip(test: &str, program: &str, script: &Path, by: &str) {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
 
-    // A request through the REST API; 404 until the client has connected.
+    // Once the client declared its services, a request for another one is refused
+    // by the gateway without reaching it.
+    let registered = format!("lifecycle device={device} registered");
+    eventually(WAIT, "the client to declare its services", || {
+        let lines = stack.hive_lines.lock().unwrap().clone();
+        let registered = registered.clone();
+        async move { lines.iter().any(|l| l.contains(&registered)).then_some(()) }
+    })
+    .await;
     let http = reqwest::Client::new();
+    let refused = http
+        .post(format!(
+            "http://{}/v1/devices/{device}/requests",
+            stack.api_addr
+        ))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"name": "not-offered", "timeout_ms": 5000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::NOT_FOUND);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_not_supported", "{body}");
+
+    // A request through the REST API.
     let url = format!("http://{}/v1/devices/{device}/requests", stack.api_addr);
     let asked = json!({"name": "read-config", "data": {"keys": ["interval"]}, "timeout_ms": 5000});
     let answer: Value = eventually(WAIT, "the client to answer a request", || {
@@ -97,6 +124,11 @@ async fn round_trip(test: &str, program: &str, script: &Path, by: &str) {
         output.status
     );
     assert_eq!(stdout.matches("<- ack ").count(), EVENTS, "{stdout}");
+    assert!(
+        stdout.contains(r#"<- registered ["read-config","reboot"]"#)
+            || stdout.contains(r#"<- registered ["read-config", "reboot"]"#),
+        "{stdout}"
+    );
 
     // The acked events reached Hive, signed.
     let needle = format!("device={device} name=telemetry");
@@ -176,6 +208,7 @@ async fn simulator_round_trip() {
             with_ids: true,
         },
         answer,
+        capabilities: Default::default(),
         backoff_base: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
         max_in_flight: 10,

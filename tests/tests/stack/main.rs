@@ -13,6 +13,7 @@ mod docs;
 mod e2e;
 mod examples;
 mod numbers;
+mod registry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

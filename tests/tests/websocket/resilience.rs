@@ -23,12 +23,17 @@ async fn a_device_that_answers_no_ping_is_closed() {
     // A device that reads answers pings and stays.
     let (_, tok2) = device();
     let (mut alive, _) = Device::connect(gw.addr, &tok2).await;
-    let reader = tokio::spawn(async move { alive.open_after(Duration::from_millis(1500)).await });
+    let reader = tokio::spawn(async move {
+        let open = alive.open_after(Duration::from_millis(1500)).await;
+        (open, alive)
+    });
     let g = life.next().await;
     assert_eq!(g.headers["reason"], "ping_timeout");
     assert_eq!(g.headers["device"], silent.to_string());
     // The reading device answered every ping for several intervals and stayed.
-    assert!(reader.await.unwrap());
+    let (open, alive) = reader.await.unwrap();
+    assert!(open);
+    drop(alive);
     gw.stop().await;
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::extract::ws::Message;
 use futures_util::{Sink, Stream, StreamExt};
 use mosaic_protocol::close;
+use mosaic_protocol::fleet::Capabilities;
 use mosaic_protocol::frame::{ClientFrame, ServerFrame, code};
 use tokio::time::{Instant, sleep_until};
 
@@ -14,8 +15,12 @@ use crate::gateway::Gateway;
 use crate::metrics;
 
 /// Sends `hello` and waits for a valid `auth` frame; `None` when the connection ends
-/// (closed with 4408, 4401, 1008 or 1009 as the case may be).
-pub(super) async fn authenticate<S, E>(gw: &Gateway, socket: &mut S) -> Option<Identity>
+/// (closed with 4408, 4401, 1008 or 1009 as the case may be). The capabilities the
+/// frame declared come back with the identity.
+pub(super) async fn authenticate<S, E>(
+    gw: &Gateway,
+    socket: &mut S,
+) -> Option<(Identity, Capabilities)>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
     E: std::fmt::Display,
@@ -58,11 +63,30 @@ where
             }
             Some(Ok(_)) => continue,
         };
+        // Capabilities that cannot travel to Hive refuse the frame: nothing registered.
+        let parsed = parsed.and_then(|f| match &f {
+            ClientFrame::Auth { capabilities, .. } => crate::fleet::check(capabilities)
+                .map(|()| f)
+                .map_err(|message| mosaic_protocol::frame::FrameError {
+                    code: code::BAD_FRAME,
+                    message,
+                }),
+            _ => Ok(f),
+        });
         match parsed {
-            Ok(ClientFrame::Auth { token }) => {
+            Ok(ClientFrame::Enrol { code }) => {
+                metrics::frame_in("enrol");
+                return super::enrolment::enrol(gw, socket, code)
+                    .await
+                    .map(|i| (i, Capabilities::default()));
+            }
+            Ok(ClientFrame::Auth {
+                token,
+                capabilities,
+            }) => {
                 metrics::frame_in("auth");
-                return match gw.verifier.verify(&token) {
-                    Ok(i) => Some(i),
+                return match gw.verify(&token) {
+                    Ok(i) => Some((i, capabilities)),
                     Err(e) => {
                         refuse(socket, e, limits.pong_timeout).await;
                         None
@@ -73,7 +97,7 @@ where
                 bad += 1;
                 let message = match other {
                     Err(e) => e.message,
-                    Ok(_) => "authenticate first with an auth frame".to_owned(),
+                    Ok(_) => "authenticate first with an auth (or enrol) frame".to_owned(),
                 };
                 let f = ServerFrame::error(code::BAD_FRAME, message);
                 if !send(socket, &f, "error", limits.pong_timeout).await {

@@ -1,4 +1,5 @@
-//! Frames from an authenticated device: events, responses, refreshes, bad frames.
+//! Frames from an authenticated device: events, responses, refreshes, `register`,
+//! bad frames.
 
 use std::sync::Arc;
 
@@ -127,18 +128,61 @@ where
                 "no pending request with this id for this device",
             )
         }
-        Ok(ClientFrame::Auth { token }) => {
+        Ok(ClientFrame::Register(capabilities)) => {
+            metrics::frame_in("register");
+            match crate::fleet::register(gw, st.origin, &st.info, capabilities).await {
+                Ok(f) => {
+                    st.bad_frames = 0;
+                    return if send(socket, &f, "registered", limits.pong_timeout).await {
+                        None
+                    } else {
+                        Some(End::new(DisconnectReason::Error))
+                    };
+                }
+                Err(e) => ServerFrame::error(e.code, e.message),
+            }
+        }
+        Ok(ClientFrame::Renew) => {
+            metrics::frame_in("renew");
+            st.bad_frames = 0;
+            st.inflight
+                .push_back(super::enrolment::renew(gw, st.origin.device));
+            return None;
+        }
+        Ok(ClientFrame::Enrol { .. }) => {
+            metrics::frame_in("enrol");
+            ServerFrame::error(
+                code::BAD_FRAME,
+                "already authenticated: send renew for a fresh token",
+            )
+        }
+        Ok(ClientFrame::Auth {
+            token,
+            capabilities,
+        }) => {
             metrics::frame_in("auth");
-            return match gw.verifier.verify(&token) {
+            return match gw.verify(&token) {
                 Ok(i) if i.device == st.origin.device => {
                     st.bad_frames = 0;
                     *exp = i.exp;
+                    st.control.set_issued_at(i.iat);
                     let f = ServerFrame::Welcome {
                         device: i.device,
                         session: st.origin.session,
                         expires_at: expires_at(i.exp),
                     };
-                    if send(socket, &f, "welcome", limits.pong_timeout).await {
+                    if !send(socket, &f, "welcome", limits.pong_timeout).await {
+                        return Some(End::new(DisconnectReason::Error));
+                    }
+                    if capabilities.is_empty() {
+                        return None;
+                    }
+                    let f =
+                        match crate::fleet::register(gw, st.origin, &st.info, capabilities).await {
+                            Ok(f) => f,
+                            Err(e) => ServerFrame::error(e.code, e.message),
+                        };
+                    if send(socket, &f, "registered", limits.pong_timeout).await {
                         None
                     } else {
                         Some(End::new(DisconnectReason::Error))
