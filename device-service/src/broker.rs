@@ -53,6 +53,57 @@ pub const REPLY_QUEUE_PREFIX: &str = "mosaic.device-service.replies.";
 /// is set.
 pub const DELIVERY_LIMIT: i64 = 50;
 
+/// Prefix of each replica's fleet queue (announcements of the gateways and every
+/// lifecycle message); the replica id follows.
+pub const FLEET_QUEUE_PREFIX: &str = "mosaic.device-service.fleet.";
+/// The queue whose exclusive holder is the fleet's leader (see `crate::fleet`).
+pub const LEADER_QUEUE: &str = "mosaic.device-service.leader";
+/// Requests from the gateways handled at once by one replica.
+pub const RPC_PREFETCH: u16 = 32;
+
+/// This replica's fleet queue.
+pub fn fleet_queue(replica: &str) -> ShortString {
+    ShortString::from(format!("{FLEET_QUEUE_PREFIX}{replica}"))
+}
+
+/// Declares `mosaic.fleet` and this replica's fleet queue with its two bindings.
+pub async fn declare_fleet(ch: &Channel, queue: ShortString) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        exchange::FLEET.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        queue.clone(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    for (ex, key) in [
+        (exchange::FLEET, exchange::ALL_GATEWAYS),
+        (exchange::EVENTS, exchange::ALL_LIFECYCLE),
+    ] {
+        ch.queue_bind(
+            queue.clone(),
+            ex.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Index of the consumers in [`plan`].
 pub const RELAY_CONSUMER: usize = 0;
 /// Index of the reply consumer in [`plan`].
@@ -95,14 +146,14 @@ pub fn plan(replica: &str, prefetch: u16) -> Plan {
             Consume {
                 queue: registry::RPC_QUEUE.into(),
                 tag: ShortString::from(format!("rpc-{replica}")),
-                prefetch: crate::rpc::PREFETCH,
+                prefetch: RPC_PREFETCH,
                 no_ack: false,
                 exclusive: false,
-                buffer: usize::from(crate::rpc::PREFETCH),
+                buffer: usize::from(RPC_PREFETCH),
                 arguments: FieldTable::default(),
             },
             Consume {
-                queue: crate::fleet::fleet_queue(replica),
+                queue: fleet_queue(replica),
                 tag: ShortString::from(format!("fleet-{replica}")),
                 prefetch: 0,
                 no_ack: true,
@@ -177,7 +228,7 @@ pub async fn declare(
         FieldTable::default(),
     )
     .await?;
-    crate::fleet::declare(&ch, fleet_queue).await?;
+    declare_fleet(&ch, fleet_queue).await?;
     ch.queue_declare(
         registry::RPC_QUEUE.into(),
         QueueDeclareOptions {

@@ -32,9 +32,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::Channel;
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
 use mosaic_amqp::{Incoming, Link, Publish, Routed};
 use mosaic_protocol::close::DisconnectReason;
 use mosaic_protocol::command::{Kind, ReplyKind};
@@ -51,16 +51,12 @@ use crate::broker::long;
 use crate::commands::{CommandError, headers};
 use crate::metrics;
 use crate::pending::{Collecting, Pending, Reply};
-use crate::relay::header_str;
+use mosaic_amqp::header_str;
 
 pub use gather::{Budget, DeviceAnswer, Fanout, Listing, Outcome};
 pub use sessions::Sessions;
 pub use view::View;
 
-/// Prefix of each replica's fleet queue; the replica id follows.
-pub const FLEET_QUEUE_PREFIX: &str = "mosaic.device-service.fleet.";
-/// The queue whose exclusive holder is the leader.
-pub const LEADER_QUEUE: &str = "mosaic.device-service.leader";
 /// How often silent gateways are looked for, and leadership tried.
 const TICK: Duration = Duration::from_millis(500);
 /// How often a replica that is not the leader tries to become it.
@@ -73,49 +69,6 @@ const GATEWAY_LOST_NAMESPACE: Uuid = uuid::uuid!("b5e1c0de-6a37-4f0e-9d2c-6d6f73
 pub const MAX_PAGE: u32 = 1000;
 /// Default page of a listing.
 pub const DEFAULT_PAGE: u32 = 100;
-
-/// This replica's fleet queue.
-pub fn fleet_queue(replica: &str) -> ShortString {
-    ShortString::from(format!("{FLEET_QUEUE_PREFIX}{replica}"))
-}
-
-/// Declares `mosaic.fleet` and this replica's fleet queue with its two bindings.
-pub async fn declare(ch: &Channel, queue: ShortString) -> Result<(), lapin::Error> {
-    ch.exchange_declare(
-        exchange::FLEET.into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        queue.clone(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    for (ex, key) in [
-        (exchange::FLEET, exchange::ALL_GATEWAYS),
-        (exchange::EVENTS, exchange::ALL_LIFECYCLE),
-    ] {
-        ch.queue_bind(
-            queue.clone(),
-            ex.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    }
-    Ok(())
-}
 
 /// Why a fleet call failed.
 #[derive(Debug, thiserror::Error)]
@@ -289,7 +242,12 @@ impl Call {
     /// Ends the call: whoever has not answered timed out.
     pub fn finish(&self) -> Outcome {
         let o = self.fanout.finish();
-        metrics::fanout_finished(&o);
+        metrics::fanout_finished([
+            ("answered", o.answered),
+            ("timed_out", o.timed_out.len()),
+            ("left", o.left.len()),
+            ("busy", o.busy.len()),
+        ]);
         o
     }
 }
@@ -835,7 +793,7 @@ async fn try_lead(link: &Link) -> Option<Channel> {
     let ch = link.open_channel().await.ok()?;
     let declared = ch
         .queue_declare(
-            LEADER_QUEUE.into(),
+            crate::broker::LEADER_QUEUE.into(),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,

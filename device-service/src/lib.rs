@@ -166,7 +166,7 @@ pub async fn run(
     );
 
     let reply_queue = broker::reply_queue(&replica);
-    let fleet_queue = fleet::fleet_queue(&replica);
+    let fleet_queue = broker::fleet_queue(&replica);
     let (amqp, mut consumers) = Amqp::start(
         config.broker.settings("device-service", replica.clone()),
         broker::plan(&replica, config.hive_concurrency),

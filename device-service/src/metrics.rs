@@ -82,15 +82,11 @@ pub fn fleet_call(call: &'static str, outcome: &'static str) {
     metrics::counter!(FLEET_CALLS, "call" => call, "outcome" => outcome).increment(1);
 }
 
-/// A fan-out ended with `o`.
-pub fn fanout_finished(o: &crate::fleet::Outcome) {
+/// A fan-out ended with this many devices in each bucket (`answered`, `timed_out`,
+/// `left`, `busy`).
+pub fn fanout_finished(buckets: [(&'static str, usize); 4]) {
     fleet_call("fanout", "ok");
-    for (bucket, n) in [
-        ("answered", o.answered),
-        ("timed_out", o.timed_out.len()),
-        ("left", o.left.len()),
-        ("busy", o.busy.len()),
-    ] {
+    for (bucket, n) in buckets {
         metrics::counter!(FANOUT_DEVICES, "bucket" => bucket).increment(n as u64);
     }
 }

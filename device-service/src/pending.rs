@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 use uuid::Uuid;
 
-use crate::relay::header_str;
+use mosaic_amqp::header_str;
 
 /// How a pending request ended.
 #[derive(Debug, PartialEq, Eq)]

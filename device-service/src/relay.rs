@@ -28,7 +28,7 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use mosaic_amqp::{Incoming, Link, Publish, Routed};
+use mosaic_amqp::{Incoming, Link, Publish, Routed, header_str};
 use mosaic_protocol::header;
 use rand::Rng;
 use reqwest::header::HeaderValue;
@@ -475,16 +475,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// A string header's value.
-pub fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
-    let value = headers?.inner().get(key)?;
-    match value {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-        AMQPValue::ShortString(s) => Some(s.as_str()),
-        _ => None,
-    }
 }
 
 fn parse_rfc3339(s: &str) -> Option<SystemTime> {

@@ -1,7 +1,7 @@
 //! Requests from the gateways (enrol, renew) on the shared queue
 //! `mosaic.device-service.rpc`, answered to the asking gateway's own queue.
 //!
-//! Each request is handled in a task of its own, at most [`PREFETCH`] at once (the
+//! Each request is handled in a task of its own, at most [`RPC_PREFETCH`](crate::broker::RPC_PREFETCH) at once (the
 //! consumer's prefetch: a delivery is acked once its answer is published). The
 //! answer goes through the default exchange to `reply_to`, which must name a
 //! gateway queue (`mosaic.gateway.`...): nothing in a request can send the answer
@@ -23,8 +23,6 @@ use crate::broker::long;
 use crate::metrics;
 use crate::registry::Registry;
 
-/// Requests handled at once by one replica.
-pub const PREFETCH: u16 = 32;
 /// Largest request body read.
 const MAX_REQUEST_BYTES: usize = 4096;
 /// Where answers may go.

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::metrics;
 use crate::registry::{Registry, RegistryError};
-use crate::relay::header_str;
+use mosaic_amqp::header_str;
 
 /// How often sightings are written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);

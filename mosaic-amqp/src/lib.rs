@@ -52,12 +52,13 @@
 
 mod link;
 pub mod metrics;
+mod returns;
 pub mod settings;
 mod supervisor;
 
 pub use link::{
     CONTENT_HEADER_RESERVE, Link, Publish, PublishError, REFUSED_AT_LEAST, REFUSED_FOR, Routed,
-    max_headers_bytes,
+    header_str, max_headers_bytes,
 };
 pub use settings::{BrokerArgs, Settings};
 pub use supervisor::{Amqp, Consume, Incoming, Plan};

@@ -4,11 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, BasicQosOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::returns::{Book, Identity};
 
 /// Room kept in a content-header frame for everything but the headers table: the
 /// frame envelope (7 bytes of header and 1 end octet), class, weight, body size and
@@ -125,6 +127,8 @@ pub struct Link {
     pub(crate) lost: CancellationToken,
     /// One per publish channel.
     pub(crate) refusals: Vec<Mutex<Refusals>>,
+    /// One per publish channel: which publish each return belongs to.
+    pub(crate) returns: Vec<Book>,
     /// Cancelled when a publish channel has refused every publish for
     /// [`REFUSED_FOR`]: the supervisor replaces the link.
     pub(crate) refused: CancellationToken,
@@ -236,7 +240,10 @@ impl Link {
             let exchange =
                 ShortString::try_new(m.exchange).map_err(|_| PublishError::NameTooLong)?;
             let key = ShortString::try_new(m.routing_key).map_err(|_| PublishError::NameTooLong)?;
-            let ch = link.channel(channel).clone();
+            let i = channel % link.publishers.len();
+            let ch = link.publishers[i].clone();
+            let book = link.returns[i].clone();
+            let identity = m.mandatory.then(|| Identity::new(&exchange, &key, &m.body));
             let confirmed = async move {
                 let confirm = ch
                     .basic_publish(
@@ -250,21 +257,36 @@ impl Link {
                         m.properties,
                     )
                     .await?;
-                Ok::<_, PublishError>(confirm.await?)
+                // A round trip that changes nothing on a channel without consumers.
+                let barrier = || async move {
+                    let _ = ch.basic_qos(0, BasicQosOptions::default()).await;
+                };
+                Ok::<_, PublishError>(book.settle(confirm, identity, barrier).await)
             };
-            let c = match tokio::time::timeout(timeout, confirmed).await {
+            let outcome = match tokio::time::timeout(timeout, confirmed).await {
                 Ok(c) => c?,
                 Err(_) => return Err(PublishError::Timeout(timeout)),
             };
-            link.record_confirm(channel, !c.is_nack());
-            if c.is_nack() {
+            link.record_confirm(channel, outcome.acked);
+            if !outcome.acked {
                 return Err(PublishError::Nacked);
             }
-            Ok(match c.take_message() {
-                Some(_) => Routed::Returned,
-                None => Routed::Yes,
+            Ok(if outcome.returned {
+                Routed::Returned
+            } else {
+                Routed::Yes
             })
         }
+    }
+}
+
+/// A string header's value (a long string that is UTF-8, or a short string).
+pub fn header_str<'a>(headers: Option<&'a lapin::types::FieldTable>, key: &str) -> Option<&'a str> {
+    use lapin::types::AMQPValue;
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
     }
 }
 

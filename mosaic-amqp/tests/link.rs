@@ -325,3 +325,49 @@ async fn a_channel_refusing_every_publish_replaces_the_link() {
     assert!(again.can_publish());
     amqp.shutdown().await;
 }
+
+/// RabbitMQ's `basic.return` names no delivery tag, and the client library hands each
+/// return to whichever confirm it completes next: with routable and unroutable
+/// `mandatory` publishes in flight on one channel, a return must still reach the
+/// publish it belongs to (a device online must not look offline, an event no queue
+/// took must not be acked).
+#[tokio::test]
+async fn each_return_reaches_its_own_publish_with_many_in_flight() {
+    let vhost = broker().vhost("link-returns").await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (amqp, _rx) = start(vec![vhost.amqp_url.clone()], "q.returns", runs);
+    let link = up(&amqp, 0).await;
+    for round in 0..5 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..400usize {
+            let link = link.clone();
+            // Some routable, some not, in an irregular pattern.
+            let routable = (i * 7 + round) % 3 != 0;
+            let body = format!("{round}-{i}").into_bytes();
+            let m = if routable {
+                to_queue("q.returns", &body)
+            } else {
+                to_queue(&format!("nowhere.{i}"), &body)
+            };
+            tasks.spawn(async move { (i, routable, link.publish(0, m, T).await) });
+        }
+        let mut wrong = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let (i, routable, r) = r.unwrap();
+            let want = if routable {
+                Routed::Yes
+            } else {
+                Routed::Returned
+            };
+            if r.as_ref().ok() != Some(&want) {
+                wrong.push((i, routable, r));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "round {round}: {} misattributed, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+    }
+}

@@ -25,7 +25,7 @@ pub const MAX_GROUP_CHARS: usize = 64;
 /// Most groups one token may carry.
 pub const MAX_GROUPS: usize = 64;
 /// Longest service name, in characters (a service is a request `name`).
-pub const MAX_SERVICE_CHARS: usize = crate::frame::MAX_NAME_CHARS;
+pub const MAX_SERVICE_CHARS: usize = 128;
 /// Most services one device may declare.
 pub const MAX_SERVICES: usize = 256;
 /// Largest `attributes` object, as compact JSON text.

@@ -331,6 +331,12 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_is_as_long_as_a_request_name() {
+        // A service is the name of the requests a device answers.
+        assert_eq!(crate::fleet::MAX_SERVICE_CHARS, MAX_NAME_CHARS);
+    }
     use serde_json::json;
 
     #[test]

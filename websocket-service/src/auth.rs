@@ -17,8 +17,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::config::Config;
-
 /// The longest token examined, in bytes; longer ones are refused unread.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -152,6 +150,22 @@ struct Claims {
     iat: Option<u64>,
 }
 
+/// Where a [`Verifier`]'s keys come from and what the claims must say
+/// (`JWT_SECRET`, `JWT_PUBLIC_KEYS`, `JWT_AUDIENCE`, `JWT_ISSUER`, `JWT_LEEWAY_SECS`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeySettings<'a> {
+    /// The HMAC secret.
+    pub secret: Option<&'a str>,
+    /// A PEM or JWKS file of public keys.
+    pub public_keys: Option<&'a Path>,
+    /// The required `aud`.
+    pub audience: Option<&'a str>,
+    /// The required `iss`.
+    pub issuer: Option<&'a str>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
 impl Verifier {
     /// The clock skew allowed on `exp` and `nbf`, in seconds (`JWT_LEEWAY_SECS`): a
     /// session accepted within it lasts until `exp` plus the leeway.
@@ -159,20 +173,19 @@ impl Verifier {
         self.leeway
     }
 
-    /// Loads the keys named by the configuration.
-    pub fn from_config(config: &Config) -> Result<Self, KeyError> {
+    /// Loads the keys `settings` name.
+    pub fn new(settings: KeySettings<'_>) -> Result<Self, KeyError> {
         let mut v = Verifier {
-            hmac: config
-                .jwt_secret
-                .as_ref()
+            hmac: settings
+                .secret
                 .map(|s| DecodingKey::from_secret(s.as_bytes())),
             by_kid: HashMap::new(),
             default_key: None,
-            audience: config.jwt_audience.clone(),
-            issuer: config.jwt_issuer.clone(),
-            leeway: config.jwt_leeway_secs,
+            audience: settings.audience.map(str::to_owned),
+            issuer: settings.issuer.map(str::to_owned),
+            leeway: settings.leeway_secs,
         };
-        if let Some(path) = &config.jwt_public_keys {
+        if let Some(path) = settings.public_keys {
             v.load_public_keys(path)?;
         }
         Ok(v)

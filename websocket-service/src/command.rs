@@ -1,4 +1,6 @@
-//! Messages from this replica's command queue, delivered to the sessions they name.
+//! What this replica receives from RabbitMQ: commands from its queue, delivered to
+//! the sessions they name; the fleet's messages (`fleet`); the revocation stream
+//! (`revocations`).
 //!
 //! `kind` `event` or `request` becomes the device frame
 //! `{"type":<kind>, ...headers without kind, "data":<body>}` in the session's bounded
@@ -6,13 +8,18 @@
 //! closes the session with 4429 (slow consumer) instead of buffering more, except
 //! for a broadcast event, which a device with a full queue misses (counted in
 //! `mosaic_ws_broadcast_dropped_total`): a burst of broadcasts must not disconnect
-//! the fleet. A request
-//! that finds no session here, or a full queue, is answered `undeliverable` at once.
-//! `kind` `takeover` closes an older local session of the device with 4409.
+//! the fleet. A request that finds no session here, or a full queue, is answered
+//! `undeliverable` at once.
+//! `kind` `takeover`, or a device's `connected` message (which reaches this queue
+//! from `mosaic.events` through its `BCC` key), closes an older local session of the
+//! device with 4409.
 //!
 //! The fleet's kinds (`presence`, `kick`, `list`, `announce`), the `group.<name>`
 //! routing key and scatter-gather requests (`request` with `group.<name>` or
-//! `broadcast`) are handled by `crate::fleet`, as are messages from `mosaic.fleet`.
+//! `broadcast`) are handled by [`fleet`], as are messages from `mosaic.fleet`.
+
+pub(crate) mod fleet;
+pub(crate) mod revocations;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +70,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut commands: mpsc::Receiver<Incoming>
 /// Handles one delivery from the replica queue. Never blocks.
 pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
     if d.exchange.as_str() == exchange::FLEET {
-        crate::fleet::on_fleet_message(gw, d);
+        fleet::on_fleet_message(gw, d);
         return;
     }
     let headers = match d.properties.headers().as_ref() {
@@ -76,6 +83,13 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         },
         None => Map::new(),
     };
+    if d.exchange.as_str() == exchange::EVENTS {
+        // Another session's `connected` message, its takeover notice (see
+        // `mosaic_protocol::exchange::BCC`); this replica's own comes back too.
+        let device = header_uuid(&headers, header::DEVICE);
+        takeover(gw, &headers, device);
+        return;
+    }
     if header_str(&headers, header::KIND) == Some(mosaic_protocol::registry::KIND_RPC_REPLY) {
         // device-service's answer to an enrol or renew of this replica.
         gw.rpc.answer(d);
@@ -90,9 +104,9 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         match kind {
             Kind::Event => {
                 let text = frame(kind, headers, &d.data, None);
-                crate::fleet::group_event(gw, group, text);
+                fleet::group_event(gw, group, text);
             }
-            Kind::Request => crate::fleet::fanout(gw, Some(group), headers, d),
+            Kind::Request => fleet::fanout(gw, Some(group), headers, d),
             _ => tracing::warn!(routing_key = %key, "group command of an unexpected kind dropped"),
         }
         return;
@@ -109,11 +123,11 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         return;
     };
     match (kind, target) {
-        (Kind::Presence, Some(device)) => return crate::fleet::presence(gw, device, &headers, d),
-        (Kind::Kick, Some(device)) => return crate::fleet::kick(gw, device, &headers, d),
-        (Kind::List, None) => return crate::fleet::list(gw, &headers, d),
+        (Kind::Presence, Some(device)) => return fleet::presence(gw, device, &headers, d),
+        (Kind::Kick, Some(device)) => return fleet::kick(gw, device, &headers, d),
+        (Kind::List, None) => return fleet::list(gw, &headers, d),
         (Kind::Announce, None) => return gw.fleet.announce_now(),
-        (Kind::Request, None) => return crate::fleet::fanout(gw, None, headers, d),
+        (Kind::Request, None) => return fleet::fanout(gw, None, headers, d),
         (Kind::Presence | Kind::Kick | Kind::List | Kind::Announce, _) => {
             tracing::warn!(routing_key = %key, kind = kind.as_str(), "fleet command with an unexpected routing key dropped");
             return;

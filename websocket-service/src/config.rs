@@ -200,11 +200,22 @@ impl Config {
             mosaic_runtime::config::refuse_placeholder("JWT_SECRET", s)?;
         }
         if self.jwt_public_keys.is_some() {
-            crate::auth::Verifier::from_config(self).map_err(|e| {
+            crate::auth::Verifier::new(self.keys()).map_err(|e| {
                 ConfigError::new("JWT_PUBLIC_KEYS", e.to_string().replace('\n', " "))
             })?;
         }
         Ok(())
+    }
+
+    /// Where the device tokens' keys come from.
+    pub fn keys(&self) -> crate::auth::KeySettings<'_> {
+        crate::auth::KeySettings {
+            secret: self.jwt_secret.as_deref(),
+            public_keys: self.jwt_public_keys.as_deref(),
+            audience: self.jwt_audience.as_deref(),
+            issuer: self.jwt_issuer.as_deref(),
+            leeway_secs: self.jwt_leeway_secs,
+        }
     }
 
     /// The HTTP server's bounds.

@@ -82,7 +82,7 @@ impl Gateway {
             id,
             broker: Arc::new(Broker::new(id, limits.publish_timeout)),
             limits,
-            verifier: Verifier::from_config(config)?,
+            verifier: Verifier::new(config.keys())?,
             registry: Arc::default(),
             readiness: Readiness::new(),
             fleet: Fleet::new(Duration::from_millis(config.fleet_announce_ms)),

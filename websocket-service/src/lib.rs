@@ -14,13 +14,14 @@
 //! - `registry`: which sessions this replica holds, and their outbound queues.
 //! - `broker`: the RabbitMQ connection, its supervisor, publishing with confirms and
 //!   the per-device bindings.
-//! - `command`: commands from this replica's queue, delivered to sessions.
-//! - `fleet`: groups, capabilities, the replica's announcements on `mosaic.fleet`,
-//!   and its answers to device-service's fleet commands (presence, kick, listing,
-//!   scatter-gather requests).
+//! - `command`: what the replica receives from RabbitMQ: commands delivered to
+//!   sessions; `command::fleet` answers the fleet's commands and announces the
+//!   replica; `command::revocations` reads the revocation stream.
+//! - `fleet`: a device's capabilities and how they travel, and the announcer's
+//!   state.
 //! - `message`: the AMQP messages the gateway publishes.
-//! - `revocations`: revoked devices from the `mosaic.revocations` stream; readiness
-//!   waits until they are all read.
+//! - `revocations`: the revoked devices this replica knows, and how far it has read
+//!   the stream (readiness waits until it has read it all).
 //! - `rpc`: requests to device-service (enrol, renew) and their answers.
 //! - [`metrics`]: every metric name of the service.
 //!

@@ -74,9 +74,9 @@ pub async fn run(
     let settings = config.broker.settings("websocket-service", id.to_string());
     let (commands, revocations) = gw.broker.start(settings, gw.registry.clone());
     tokio::spawn(command::run(gw.clone(), commands));
-    tokio::spawn(crate::revocations::run(gw.clone(), revocations));
+    tokio::spawn(crate::command::revocations::run(gw.clone(), revocations));
     tokio::spawn(gw.clone().follow_broker());
-    tokio::spawn(crate::fleet::announce(gw.clone()));
+    tokio::spawn(crate::command::fleet::announce(gw.clone()));
 
     let token = gw.shutdown.clone();
     tokio::spawn({
@@ -116,7 +116,7 @@ pub async fn run(
             "shutdown grace period over with sessions still open"
         );
     }
-    crate::fleet::announce_down(&gw).await;
+    crate::command::fleet::announce_down(&gw).await;
     gw.broker.shutdown().await;
     let result = match early {
         Some(r) => r,

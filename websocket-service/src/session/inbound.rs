@@ -62,6 +62,18 @@ fn publish_response(
     true
 }
 
+/// Applies declared capabilities to the session and publishes the `registered`
+/// lifecycle message; the frame to answer with.
+fn register(
+    gw: &Gateway,
+    st: &State,
+    declared: mosaic_protocol::fleet::Capabilities,
+) -> Result<ServerFrame, mosaic_protocol::frame::FrameError> {
+    let (frame, m) = crate::fleet::register(st.origin, &st.info, declared)?;
+    gw.tracker.spawn(gw.broker.publish(m));
+    Ok(frame)
+}
+
 /// A frame the rate limit still held when the session ended: an event is
 /// published and a response answered like any other (the session's end waits for
 /// their confirms); anything else needed an answer on the socket and is let go.
@@ -130,7 +142,7 @@ where
         }
         Ok(ClientFrame::Register(capabilities)) => {
             metrics::frame_in("register");
-            match crate::fleet::register(gw, st.origin, &st.info, capabilities).await {
+            match register(gw, st, capabilities) {
                 Ok(f) => {
                     st.bad_frames = 0;
                     return if send(socket, &f, "registered", limits.pong_timeout).await {
@@ -177,11 +189,10 @@ where
                     if capabilities.is_empty() {
                         return None;
                     }
-                    let f =
-                        match crate::fleet::register(gw, st.origin, &st.info, capabilities).await {
-                            Ok(f) => f,
-                            Err(e) => ServerFrame::error(e.code, e.message),
-                        };
+                    let f = match register(gw, st, capabilities) {
+                        Ok(f) => f,
+                        Err(e) => ServerFrame::error(e.code, e.message),
+                    };
                     if send(socket, &f, "registered", limits.pong_timeout).await {
                         None
                     } else {
