@@ -86,6 +86,34 @@ impl Device {
         (d, welcome)
     }
 
+    /// Connects as a device that follows the protocol does: a close with 1013 (the
+    /// broker did not confirm the connect; retry later) is retried after a short
+    /// pause, at most `attempts` times in all. Returns the device, its `welcome` and
+    /// how many 1013s it saw.
+    pub async fn connect_retrying(
+        addr: SocketAddr,
+        token: &str,
+        attempts: u32,
+    ) -> (Device, Value, u32) {
+        let mut again = 0;
+        loop {
+            let mut d = Device::try_connect(addr, Some(token))
+                .await
+                .unwrap_or_else(|s| panic!("upgrade refused with HTTP {s}"));
+            match d.frame_or_end(RECV_TIMEOUT).await {
+                Ok(welcome) => {
+                    assert_eq!(welcome["type"], "welcome", "{welcome}");
+                    return (d, welcome, again);
+                }
+                Err(Ended::Close(1013, _)) if again + 1 < attempts => {
+                    again += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(again))).await;
+                }
+                Err(ended) => panic!("connect ended with {ended:?} after {again} retries"),
+            }
+        }
+    }
+
     /// Connects without a header and authenticates in band; returns the `welcome`.
     pub async fn connect_in_band(addr: SocketAddr, token: &str) -> (Device, Value) {
         let mut d = Device::try_connect(addr, None).await.expect("upgrade");
