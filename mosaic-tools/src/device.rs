@@ -170,6 +170,12 @@ pub struct DeviceConfig {
     pub max_in_flight: usize,
     /// What to print.
     pub output: Output,
+    /// The local address to connect from (`None`: the system's choice). A load
+    /// generator holding many connections to one gateway spreads them over several
+    /// loopback addresses (`127.0.0.2`, `127.0.0.3`...): past about 14,000
+    /// connections from one address to one port, Linux scans its whole ephemeral
+    /// port range on each `connect()`.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Why a device could not go on.
@@ -337,7 +343,11 @@ async fn connect(
                 .map_err(|_| SessionEnd::Io("the token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
         }
-        let (mut ws, _) = match tokio_tungstenite::connect_async(request).await {
+        let upgrade = match cfg.source {
+            None => tokio_tungstenite::connect_async(request).await,
+            Some(source) => upgrade_from(source, request).await,
+        };
+        let (mut ws, _) = match upgrade {
             Ok(ok) => ok,
             Err(tungstenite::Error::Http(resp)) if resp.status() == StatusCode::UNAUTHORIZED => {
                 return Err(SessionEnd::Unauthorized);
@@ -416,6 +426,43 @@ async fn connect(
         },
         _ = cancel.cancelled() => Err(SessionEnd::Cancelled),
     }
+}
+
+/// The upgrade over a TCP connection made from `source`, with read and write buffers
+/// sized for many idle connections rather than for throughput.
+async fn upgrade_from(
+    source: std::net::IpAddr,
+    request: tungstenite::handshake::client::Request,
+) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
+    let uri = request.uri();
+    let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let peer = tokio::net::lookup_host((host.as_str(), port))
+        .await?
+        .find(|a| a.is_ipv4() == source.is_ipv4())
+        .ok_or_else(|| {
+            tungstenite::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("{host} has no address of the family of {source}"),
+            ))
+        })?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    let stream = socket.connect(peer).await?;
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024);
+    tokio_tungstenite::client_async_with_config(
+        request,
+        MaybeTlsStream::Plain(stream),
+        Some(config),
+    )
+    .await
 }
 
 /// The next gateway frame; pings are answered by the library as it reads.

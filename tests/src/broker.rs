@@ -139,7 +139,10 @@ impl Broker {
             .envs(node.env(epmd))
             .env("MOSAIC_RABBIT_BIN", RABBITMQ_BIN)
             .env("MOSAIC_EPMD", epmd_path()?)
-            .env("MOSAIC_RABBIT_DIR", dir.path());
+            .env("MOSAIC_RABBIT_DIR", dir.path())
+            // A node that fails to boot writes its crash dump here, not in the
+            // caller's working directory.
+            .env("ERL_CRASH_DUMP", dir.path().join("log/erl_crash.dump"));
         let watchdog = Watchdog::spawn(cmd, "broker")?;
         // The watchdog says "started" once epmd and the node were launched.
         let line = watchdog.line(Duration::from_secs(30))?;
@@ -228,6 +231,17 @@ impl Broker {
     /// The node's log directory, when this process started the node.
     pub fn log_dir(&self) -> Option<PathBuf> {
         self._private.as_ref().map(|p| p.dir.path().join("log"))
+    }
+
+    /// The process id of the node's Erlang VM (`beam.smp`), from its pid file, when
+    /// this process started the node: for reading its memory and CPU in `/proc`.
+    pub fn pid(&self) -> Option<u32> {
+        let p = self._private.as_ref()?;
+        std::fs::read_to_string(p.dir.path().join("rabbit.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Creates a fresh vhost named after `test` plus a random suffix, grants the

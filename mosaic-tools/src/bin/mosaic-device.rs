@@ -280,6 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 Output::Quiet
             },
+            source: None,
         };
         let delay = args.ramp.mul_f64(f64::from(i) / f64::from(args.devices));
         let stats = stats.clone();

@@ -42,6 +42,7 @@ pub struct NodeConfig {
     conf: Vec<String>,
     rabbit: Vec<(String, String)>,
     advanced: Vec<String>,
+    plugins: Vec<String>,
 }
 
 impl NodeConfig {
@@ -71,6 +72,22 @@ impl NodeConfig {
     pub fn advanced(mut self, entry: impl Into<String>) -> Self {
         self.advanced.push(entry.into());
         self
+    }
+
+    /// Enables a plugin of the distribution besides `rabbitmq_management`, such as
+    /// `"rabbitmq_web_mqtt"` (offline, from the `enabled_plugins` file). Move its
+    /// listeners off their default ports with [`NodeConfig::conf`] lines: another
+    /// node on this machine may hold them.
+    pub fn plugin(mut self, name: impl Into<String>) -> Self {
+        self.plugins.push(name.into());
+        self
+    }
+
+    /// The `enabled_plugins` file's text.
+    fn enabled_plugins(&self) -> String {
+        let mut names = vec!["rabbitmq_management".to_owned()];
+        names.extend(self.plugins.iter().cloned());
+        format!("[{}].\n", names.join(","))
     }
 
     /// A delivery left unacked longer than `timeout` closes its channel, checked
@@ -131,7 +148,7 @@ impl NodeSpec {
             conf.push('\n');
         }
         std::fs::write(d.join("rabbitmq.conf"), conf)?;
-        std::fs::write(d.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+        std::fs::write(d.join("enabled_plugins"), config.enabled_plugins())?;
         std::fs::write(d.join("env.conf"), "")?;
         std::fs::write(d.join("advanced.config"), config.advanced_config())?;
         Ok(())

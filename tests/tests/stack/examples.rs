@@ -406,6 +406,7 @@ async fn simulator_round_trip() {
         backoff_max: Duration::from_millis(500),
         max_in_flight: 10,
         output: Output::Quiet,
+        source: None,
     };
     let cancel = device::CancellationToken::new();
     let stats = Arc::new(Stats::default());

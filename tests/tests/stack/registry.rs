@@ -220,6 +220,7 @@ async fn enrolment_with_the_simulator_activates_the_device_and_the_code_works_on
         backoff_max: Duration::from_millis(500),
         max_in_flight: 10,
         output: Output::Quiet,
+        source: None,
     };
     let outcome = within(
         WAIT,
