@@ -149,7 +149,7 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
                     // a device whose queue is full misses this one, counted.
                     for h in gw.registry.handles() {
                         if let Err(TrySendError::Full(_)) =
-                            h.tx.try_send(Outbound::Event(text.clone()))
+                            h.control.try_send(Outbound::Event(text.clone()))
                         {
                             metrics::broadcast_dropped();
                         }
@@ -218,7 +218,7 @@ pub(crate) fn frame(
 
 /// Queues `out` for the session; a full queue closes it as a slow consumer.
 fn offer(h: &SessionHandle, out: Outbound) -> Result<(), &'static str> {
-    match h.tx.try_send(out) {
+    match h.control.try_send(out) {
         Ok(()) => Ok(()),
         Err(TrySendError::Full(_)) => {
             h.control.close(DisconnectReason::SlowConsumer);
@@ -318,7 +318,6 @@ mod tests {
     use clap::Parser;
     use lapin::BasicProperties;
     use serde_json::json;
-    use tokio::sync::mpsc;
 
     fn gateway() -> Arc<Gateway> {
         let config = crate::Config::try_parse_from([
@@ -359,11 +358,9 @@ mod tests {
         assert_eq!(request(&gw, device, h.clone(), &d), None);
 
         // A session whose queue is full: `device_busy`, and it is closed.
-        let (tx, mut rx) = mpsc::channel(1);
-        let control = Arc::new(Control::default());
+        let control = Arc::new(Control::new(1));
         let handle = SessionHandle {
             session: Uuid::now_v7(),
-            tx,
             control: control.clone(),
             info: Arc::default(),
         };
@@ -374,7 +371,7 @@ mod tests {
             Some(undeliverable::DEVICE_BUSY)
         );
         assert_eq!(control.closed().await, DisconnectReason::SlowConsumer);
-        let Some(Outbound::Request(req)) = rx.recv().await else {
+        let Some(Outbound::Request(req)) = control.close_queue().pop_front() else {
             panic!("the first request was queued");
         };
         assert_eq!(&*req.pending.reply_to, "replies");
@@ -390,16 +387,15 @@ mod tests {
         let (h, mut d) = delivery(device);
         // No `deadline` header, and an `expiration` no clock can add.
         d.properties = d.properties.with_expiration(u64::MAX.to_string().into());
-        let (tx, mut rx) = mpsc::channel(1);
+        let control = Arc::new(Control::new(1));
         let handle = SessionHandle {
             session: Uuid::now_v7(),
-            tx,
-            control: Arc::default(),
+            control: control.clone(),
             info: Arc::default(),
         };
         gw.registry.insert(device, handle);
         assert_eq!(request(&gw, device, h, &d), None);
-        let Some(Outbound::Request(req)) = rx.recv().await else {
+        let Some(Outbound::Request(req)) = control.close_queue().pop_front() else {
             panic!("the request was queued");
         };
         assert!(req.pending.deadline <= Instant::now() + MAX_REQUEST_TIMEOUT);

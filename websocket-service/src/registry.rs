@@ -1,5 +1,9 @@
 //! Which device sessions this replica holds: `device -> session handle`.
 //!
+//! A handle reaches its session through one shared [`Control`]: the session's
+//! bounded outbound queue and its close request. The queue holds no storage while
+//! it is empty, so an idle session costs the registry one small allocation.
+//!
 //! One entry per device. Registering a device that already has an entry returns the
 //! older handle so the caller can close it (4409 replaced); a session removes only its
 //! own entry, so a replaced session never unregisters its successor.
@@ -7,14 +11,15 @@
 //! It also counts the sessions of each group (from their tokens), under the same
 //! lock: the broker binds `group.<name>` while the count is above zero.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use mosaic_protocol::close::DisconnectReason;
 use mosaic_protocol::fleet::Capabilities;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -45,13 +50,35 @@ pub(crate) struct Pending {
     pub deadline: Instant,
 }
 
-/// A way to ask a session to end, from outside its task.
-#[derive(Debug, Default)]
+/// A way to reach a session from outside its task: its bounded outbound queue, and
+/// a request to end it.
+#[derive(Debug)]
 pub(crate) struct Control {
     reason: AtomicU8,
+    /// Wakes the session: something was queued, or it was asked to end.
     notify: Notify,
     /// The `iat` of the token the session runs under (0: none), for revocations.
-    issued_at: std::sync::atomic::AtomicU64,
+    issued_at: AtomicU64,
+    /// The outbound queue. Its storage exists only while something waits in it.
+    queue: Mutex<Queue>,
+}
+
+#[derive(Debug)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// The most items it holds (`OUTBOUND_QUEUE`).
+    capacity: usize,
+    /// Set once the session stopped taking from it.
+    closed: bool,
+}
+
+/// What woke a session: something to write, or the request to end.
+#[derive(Debug)]
+pub(crate) enum Wake {
+    /// The next item of the outbound queue.
+    Out(Outbound),
+    /// [`Control::close`] was called, with this reason.
+    Close(DisconnectReason),
 }
 
 const REASONS: [DisconnectReason; 5] = [
@@ -63,6 +90,20 @@ const REASONS: [DisconnectReason; 5] = [
 ];
 
 impl Control {
+    /// A control whose outbound queue holds at most `capacity` items (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Control {
+            reason: AtomicU8::new(0),
+            notify: Notify::new(),
+            issued_at: AtomicU64::new(0),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                capacity: capacity.max(1),
+                closed: false,
+            }),
+        }
+    }
+
     /// Asks the session to end for `reason` (the first reason given wins).
     pub fn close(&self, reason: DisconnectReason) {
         let code = REASONS.iter().position(|r| *r == reason).unwrap_or(2) as u8 + 1;
@@ -70,6 +111,14 @@ impl Control {
             .reason
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.notify.notify_one();
+    }
+
+    /// The reason given to [`Control::close`], if it was called.
+    fn reason(&self) -> Option<DisconnectReason> {
+        match self.reason.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(REASONS[(code - 1) as usize]),
+        }
     }
 
     /// Records the `iat` of the session's current token.
@@ -82,28 +131,90 @@ impl Control {
         Some(self.issued_at.load(Ordering::Acquire)).filter(|i| *i != 0)
     }
 
+    /// Queues `out` for the session without waiting: `Full` when the queue holds its
+    /// capacity, `Closed` once the session stopped taking from it (as a bounded
+    /// channel's `try_send`).
+    pub fn try_send(&self, out: Outbound) -> Result<(), TrySendError<Outbound>> {
+        let mut q = self.queue.lock().unwrap();
+        if q.closed {
+            return Err(TrySendError::Closed(out));
+        }
+        if q.items.len() >= q.capacity {
+            return Err(TrySendError::Full(out));
+        }
+        q.items.push_back(out);
+        drop(q);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// The next thing for the session to do: end, once [`Control::close`] was
+    /// called, else write the oldest queued item. Cancel safe: an item is taken only
+    /// when it is returned.
+    pub async fn next(&self) -> Wake {
+        loop {
+            if let Some(reason) = self.reason() {
+                return Wake::Close(reason);
+            }
+            if let Some(out) = self.pop() {
+                return Wake::Out(out);
+            }
+            // A `notify_one` between the checks above and this wait is kept as a
+            // permit, so no wake-up is lost.
+            self.notify.notified().await;
+        }
+    }
+
+    fn pop(&self) -> Option<Outbound> {
+        let mut q = self.queue.lock().unwrap();
+        let out = q.items.pop_front();
+        if q.items.is_empty() && q.items.capacity() > 0 {
+            // An idle session keeps no queue storage.
+            q.items = VecDeque::new();
+        }
+        out
+    }
+
     /// Resolves once [`Control::close`] was called, with its reason.
+    #[cfg(test)]
     pub async fn closed(&self) -> DisconnectReason {
         loop {
-            let code = self.reason.load(Ordering::Acquire);
-            if code != 0 {
-                return REASONS[(code - 1) as usize];
+            if let Some(reason) = self.reason() {
+                return reason;
             }
             self.notify.notified().await;
         }
+    }
+
+    /// Stops the queue (later [`Control::try_send`]s fail with `Closed`) and returns
+    /// what was still in it.
+    pub fn close_queue(&self) -> VecDeque<Outbound> {
+        let mut q = self.queue.lock().unwrap();
+        q.closed = true;
+        std::mem::take(&mut q.items)
     }
 }
 
 /// What the fleet may ask about a session: when it began, its groups, and what the
 /// device declared it offers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SessionInfo {
-    /// RFC 3339.
-    pub connected_at: String,
+    /// When the session began (shown as RFC 3339).
+    pub connected_at: time::OffsetDateTime,
     /// From the token; fixed for the session.
     pub groups: Vec<String>,
     /// Changed by `register` frames.
     pub capabilities: Mutex<Capabilities>,
+}
+
+impl Default for SessionInfo {
+    fn default() -> Self {
+        SessionInfo {
+            connected_at: time::OffsetDateTime::now_utc(),
+            groups: Vec::new(),
+            capabilities: Mutex::default(),
+        }
+    }
 }
 
 impl SessionInfo {
@@ -122,7 +233,6 @@ impl SessionInfo {
 #[derive(Debug, Clone)]
 pub(crate) struct SessionHandle {
     pub session: Uuid,
-    pub tx: mpsc::Sender<Outbound>,
     pub control: Arc<Control>,
     pub info: Arc<SessionInfo>,
 }
@@ -291,30 +401,27 @@ impl crate::broker::Held for Registry {
 mod tests {
     use super::*;
 
-    fn handle() -> (SessionHandle, mpsc::Receiver<Outbound>) {
+    fn handle() -> SessionHandle {
         handle_in(&[])
     }
 
-    fn handle_in(groups: &[&str]) -> (SessionHandle, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(1);
-        let h = SessionHandle {
+    fn handle_in(groups: &[&str]) -> SessionHandle {
+        SessionHandle {
             session: Uuid::now_v7(),
-            tx,
-            control: Arc::default(),
+            control: Arc::new(Control::new(1)),
             info: Arc::new(SessionInfo {
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 ..Default::default()
             }),
-        };
-        (h, rx)
+        }
     }
 
     #[test]
     fn groups_are_counted_per_session() {
         let r = Registry::default();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let (ha, _r1) = handle_in(&["x", "y"]);
-        let (hb, _r2) = handle_in(&["x"]);
+        let ha = handle_in(&["x", "y"]);
+        let hb = handle_in(&["x"]);
         r.insert(a, ha.clone());
         r.insert(b, hb.clone());
         let mut counts = r.group_counts();
@@ -324,7 +431,7 @@ mod tests {
         assert!(r.members("z").is_empty());
         // A replacement with other groups moves the counts; the old session cannot
         // remove them twice.
-        let (ha2, _r3) = handle_in(&["z"]);
+        let ha2 = handle_in(&["z"]);
         r.insert(a, ha2.clone());
         assert!(!r.has_group("y"));
         assert!(!r.remove(a, ha.session));
@@ -337,8 +444,8 @@ mod tests {
     fn a_replaced_session_cannot_remove_its_successor() {
         let r = Registry::default();
         let d = Uuid::new_v4();
-        let (old, _rx1) = handle();
-        let (new, _rx2) = handle();
+        let old = handle();
+        let new = handle();
         assert!(r.insert(d, old.clone()).is_none());
         assert_eq!(r.insert(d, new.clone()).unwrap().session, old.session);
         assert!(!r.remove(d, old.session));
@@ -352,9 +459,58 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_close_reason_wins() {
-        let c = Control::default();
+        let c = Control::new(1);
         c.close(DisconnectReason::SlowConsumer);
         c.close(DisconnectReason::Replaced);
         assert_eq!(c.closed().await, DisconnectReason::SlowConsumer);
+    }
+
+    fn event(text: &'static str) -> Outbound {
+        Outbound::Event(Utf8Bytes::from_static(text))
+    }
+
+    #[tokio::test]
+    async fn the_outbound_queue_is_bounded_ordered_and_closes() {
+        let c = Control::new(2);
+        c.try_send(event("a")).unwrap();
+        c.try_send(event("b")).unwrap();
+        assert!(matches!(c.try_send(event("c")), Err(TrySendError::Full(_))));
+        for want in ["a", "b"] {
+            match c.next().await {
+                Wake::Out(Outbound::Event(t)) => assert_eq!(t.as_str(), want),
+                other => panic!("expected {want}, got {other:?}"),
+            }
+        }
+        // Drained: no storage is kept.
+        assert_eq!(c.queue.lock().unwrap().items.capacity(), 0);
+        c.try_send(event("d")).unwrap();
+        let left = c.close_queue();
+        assert_eq!(left.len(), 1);
+        assert!(matches!(
+            c.try_send(event("e")),
+            Err(TrySendError::Closed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_wakes_for_an_item_and_a_close_goes_first() {
+        let c = Arc::new(Control::new(4));
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move { c.next().await }
+        });
+        tokio::task::yield_now().await;
+        c.try_send(event("x")).unwrap();
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(woke, Wake::Out(Outbound::Event(_))));
+        c.try_send(event("y")).unwrap();
+        c.close(DisconnectReason::Kicked);
+        assert!(matches!(
+            c.next().await,
+            Wake::Close(DisconnectReason::Kicked)
+        ));
     }
 }

@@ -34,8 +34,11 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::{command, metrics, session};
 
-/// WebSocket read buffer per connection (tungstenite's default is 128 KiB).
-const READ_BUFFER: usize = 2 * 1024;
+/// WebSocket read buffer per connection (tungstenite's default is 128 KiB). It is
+/// allocated with the connection and kept for its life, so it is sized for the
+/// common small frame: a larger frame still fits (the buffer grows to the frame's
+/// length, up to `MAX_FRAME_BYTES`), read in pieces of this size.
+const READ_BUFFER: usize = 512;
 /// Writes are flushed per message, so no write buffer is kept between messages.
 const WRITE_BUFFER: usize = 0;
 
@@ -251,7 +254,9 @@ async fn connect(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::serve(gw, socket, identity, slot).await;
+            // Boxed once here, so the session's nested futures each hold a pointer
+            // to the socket rather than a copy of it.
+            session::serve(gw, Box::new(socket), identity, slot).await;
             drop(token);
         })
 }

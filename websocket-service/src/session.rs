@@ -22,7 +22,6 @@ use mosaic_protocol::command::undeliverable;
 use mosaic_protocol::exchange::Lifecycle;
 use mosaic_protocol::fleet::Capabilities;
 use mosaic_protocol::frame::{FrameError, ServerFrame, code};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -33,7 +32,7 @@ use crate::broker::PublishError;
 use crate::gateway::Gateway;
 use crate::message::{self, Origin};
 use crate::metrics;
-use crate::registry::{Control, Outbound, Pending, SessionHandle, SessionInfo};
+use crate::registry::{Control, Outbound, Pending, SessionHandle, SessionInfo, Wake};
 
 mod enrolment;
 mod handshake;
@@ -166,9 +165,9 @@ pub(crate) async fn serve<S, E>(
     slot.authenticated();
     let session = Uuid::now_v7();
     let span = tracing::info_span!("session", device = %identity.device, %session);
-    run_session(gw, socket, identity, capabilities, session)
-        .instrument(span)
-        .await;
+    // The session's state is allocated once, at its size, rather than inside every
+    // future that awaits it.
+    Box::pin(run_session(gw, socket, identity, capabilities, session).instrument(span)).await;
 }
 
 pub(super) async fn send<S: Sink<Message> + Unpin>(
@@ -239,8 +238,39 @@ pub(super) struct State {
     info: Arc<SessionInfo>,
     control: Arc<Control>,
     pending: Vec<Pending>,
-    inflight: FuturesOrdered<Confirm>,
+    inflight: Inflight,
     bad_frames: u32,
+}
+
+/// Publishes and calls whose outcome the session waits for, answered in order.
+/// Allocated only while one is in flight, so an idle session holds none.
+#[derive(Default)]
+pub(super) struct Inflight(Option<FuturesOrdered<Confirm>>);
+
+impl Inflight {
+    pub(super) fn push_back(&mut self, confirm: Confirm) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(confirm);
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next outcome, in order; `None` when nothing is in flight.
+    async fn next(&mut self) -> Option<Done> {
+        let futures = self.0.as_mut()?;
+        let done = futures.next().await;
+        if futures.is_empty() {
+            self.0 = None;
+        }
+        done
+    }
 }
 
 async fn run_session<S, E>(
@@ -261,17 +291,15 @@ async fn run_session<S, E>(
         session,
         gateway: gw.id,
     };
-    let (tx, mut rx) = mpsc::channel(limits.outbound_queue);
-    let control = Arc::new(Control::default());
+    let control = Arc::new(Control::new(limits.outbound_queue));
     let declared = !capabilities.is_empty();
     let info = Arc::new(SessionInfo {
-        connected_at: message::now_rfc3339(),
+        connected_at: time::OffsetDateTime::now_utc(),
         groups: identity.groups,
         capabilities: std::sync::Mutex::new(capabilities),
     });
     let handle = SessionHandle {
         session,
-        tx,
         control: control.clone(),
         info: info.clone(),
     };
@@ -297,7 +325,7 @@ async fn run_session<S, E>(
         info,
         control: control.clone(),
         pending: Vec::new(),
-        inflight: FuturesOrdered::new(),
+        inflight: Inflight::default(),
         bad_frames: 0,
     };
     if end.is_none() && !Box::pin(send(&mut socket, &welcome, "welcome", limits.pong_timeout)).await
@@ -328,27 +356,38 @@ async fn run_session<S, E>(
 
     while end.is_none() {
         let reading = held.is_none() && st.inflight.len() < limits.max_in_flight;
-        let wake_held = held.as_ref().map_or(far, |h| h.1);
+        // One timer for every deadline: token expiry, the pong, the next ping and a
+        // frame held back by the rate limit.
+        let wake_at = [
+            expires,
+            next_ping,
+            pong_deadline.unwrap_or(far),
+            held.as_ref().map_or(far, |h| h.1),
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(far);
         // A frame to handle after the select: text, or `None` for a binary frame.
         let mut admit: Option<Option<Utf8Bytes>> = None;
         tokio::select! {
             _ = gw.shutdown.cancelled() => end = Some(End::new(DisconnectReason::Shutdown)),
-            reason = control.closed() => end = Some(End::new(reason)),
-            _ = sleep_until(expires) => {
-                end = Some(End::new(DisconnectReason::TokenExpired));
-            }
-            _ = sleep_until(pong_deadline.unwrap_or(far)), if pong_deadline.is_some() => {
-                end = Some(End::new(DisconnectReason::PingTimeout));
-            }
-            _ = sleep_until(next_ping) => {
+            _ = sleep_until(wake_at) => {
                 let now = Instant::now();
-                next_ping = now + limits.ping_interval;
-                if pong_deadline.is_none() {
-                    pong_deadline = Some(now + limits.pong_timeout);
-                }
-                st.pending.retain(|p| p.deadline > now);
-                if tokio::time::timeout(limits.pong_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
-                    end = Some(End::new(DisconnectReason::SlowConsumer));
+                if now >= expires {
+                    end = Some(End::new(DisconnectReason::TokenExpired));
+                } else if pong_deadline.is_some_and(|d| now >= d) {
+                    end = Some(End::new(DisconnectReason::PingTimeout));
+                } else if held.as_ref().is_some_and(|h| now >= h.1) {
+                    admit = held.take().map(|(frame, _)| frame);
+                } else if now >= next_ping {
+                    next_ping = now + limits.ping_interval;
+                    if pong_deadline.is_none() {
+                        pong_deadline = Some(now + limits.pong_timeout);
+                    }
+                    st.pending.retain(|p| p.deadline > now);
+                    if tokio::time::timeout(limits.pong_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
+                        end = Some(End::new(DisconnectReason::SlowConsumer));
+                    }
                 }
             }
             Some(done) = st.inflight.next(), if !st.inflight.is_empty() => {
@@ -381,16 +420,16 @@ async fn run_session<S, E>(
                     }
                 }
             }
-            _ = sleep_until(wake_held), if held.is_some() => {
-                admit = held.take().map(|(frame, _)| frame);
-            }
-            out = rx.recv() => match out {
-                Some(Outbound::Event(text)) => {
+            // A close asked from elsewhere (replaced, slow consumer, kicked, revoked)
+            // comes before what is still queued.
+            wake = control.next() => match wake {
+                Wake::Close(reason) => end = Some(End::new(reason)),
+                Wake::Out(Outbound::Event(text)) => {
                     if !send_text(&mut socket, text, "event", limits.pong_timeout).await {
                         end = Some(End::new(DisconnectReason::SlowConsumer));
                     }
                 }
-                Some(Outbound::Request(req)) => {
+                Wake::Out(Outbound::Request(req)) => {
                     if st.pending.len() >= MAX_PENDING_REQUESTS {
                         answer_undeliverable(&gw, origin, &req.pending, undeliverable::DEVICE_BUSY);
                         continue;
@@ -400,8 +439,6 @@ async fn run_session<S, E>(
                         end = Some(End::new(DisconnectReason::SlowConsumer));
                     }
                 }
-                // Only a replacement drops the registry's sender, after it set the reason.
-                None => end = Some(End::new(control.closed().await)),
             },
             msg = socket.next(), if reading => match msg {
                 None | Some(Ok(Message::Close(_))) => end = Some(End::new(DisconnectReason::ClosedByDevice)),
@@ -445,7 +482,7 @@ async fn run_session<S, E>(
         inbound::handle_held(&gw, &mut st, &text);
     }
 
-    Box::pin(finish(gw, socket, rx, st, end, started)).await;
+    Box::pin(finish(gw, socket, st, end, started)).await;
 }
 
 /// The broker work of a connect: the device's command route and its groups' routes,
@@ -474,14 +511,8 @@ async fn connect(gw: &Gateway, origin: Origin, info: &SessionInfo) -> Option<End
 
 /// Ends a session: unregister, close the socket, answer pending requests, publish
 /// the `disconnected` message.
-async fn finish<S, E>(
-    gw: Arc<Gateway>,
-    mut socket: S,
-    mut rx: mpsc::Receiver<Outbound>,
-    mut st: State,
-    end: End,
-    started: Instant,
-) where
+async fn finish<S, E>(gw: Arc<Gateway>, mut socket: S, mut st: State, end: End, started: Instant)
+where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
     let limits = &gw.limits;
@@ -508,8 +539,7 @@ async fn finish<S, E>(
     }
     drop(socket);
     // Requesters learn at once that their device is gone.
-    rx.close();
-    while let Ok(out) = rx.try_recv() {
+    for out in st.control.close_queue() {
         if let Outbound::Request(req) = out {
             answer_undeliverable(
                 &gw,
@@ -563,6 +593,7 @@ mod tests {
     use serde_json::{Value, json};
     use std::convert::Infallible;
     use std::task::{Context, Poll};
+    use tokio::sync::mpsc;
     use tokio_util::sync::PollSender;
 
     const SECRET: &str = "unit-test-secret-0123456789-abcdefghij";
@@ -716,6 +747,13 @@ mod tests {
         let fut = serve(gw, pipe, None, slot());
         let size = std::mem::size_of_val(&fut);
         eprintln!("session future: {size} bytes");
+        // The task holds the handshake; the session loop is boxed at its own size.
+        assert!(size < 1024, "{size}");
+        fn returned<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = returned(run_session::<Pipe, Infallible>);
+        eprintln!("session loop: {size} bytes");
         assert!(size < 4 * 1024, "{size}");
     }
 

@@ -61,7 +61,7 @@ pub(crate) fn describe(gw: &Gateway, device: Uuid, h: &SessionHandle) -> Connect
         device,
         gateway: gw.id,
         session: h.session,
-        connected_at: h.info.connected_at.clone(),
+        connected_at: message::rfc3339(h.info.connected_at),
         services: c.services,
         attributes: c.attributes,
         groups: h.info.groups.clone(),
@@ -240,7 +240,7 @@ pub(crate) fn list(gw: &Arc<Gateway>, headers: &Map<String, Value>, d: &Delivery
 pub(crate) fn group_event(gw: &Gateway, group: &str, text: axum::extract::ws::Utf8Bytes) {
     metrics::fleet_command("group_event");
     for (_, h) in gw.registry.members(group) {
-        if let Err(TrySendError::Full(_)) = h.tx.try_send(Outbound::Event(text.clone())) {
+        if let Err(TrySendError::Full(_)) = h.control.try_send(Outbound::Event(text.clone())) {
             metrics::broadcast_dropped();
         }
     }
@@ -344,7 +344,7 @@ pub(crate) fn fanout(
                     deadline,
                 },
             }));
-            let reason = match h.tx.try_send(out) {
+            let reason = match h.control.try_send(out) {
                 Ok(()) => continue,
                 Err(TrySendError::Full(_)) => undeliverable::DEVICE_BUSY,
                 Err(TrySendError::Closed(_)) => undeliverable::DEVICE_DISCONNECTED,
@@ -457,7 +457,6 @@ mod tests {
     use crate::registry::SessionInfo;
     use clap::Parser;
     use mosaic_protocol::fleet::Capabilities;
-    use tokio::sync::mpsc;
 
     fn gateway() -> Arc<Gateway> {
         let config = crate::Config::try_parse_from([
@@ -469,13 +468,9 @@ mod tests {
         Arc::new(Gateway::new(&config).unwrap())
     }
 
-    fn hold(
-        gw: &Gateway,
-        groups: &[&str],
-        services: Option<&[&str]>,
-    ) -> (Uuid, mpsc::Receiver<Outbound>) {
+    fn hold(gw: &Gateway, groups: &[&str], services: Option<&[&str]>) -> (Uuid, Arc<Control>) {
         let device = Uuid::new_v4();
-        let (tx, rx) = mpsc::channel(4);
+        let control = Arc::new(Control::new(4));
         let caps = Capabilities {
             services: services.map(|s| s.iter().map(|x| x.to_string()).collect()),
             attributes: None,
@@ -484,16 +479,15 @@ mod tests {
             device,
             SessionHandle {
                 session: Uuid::now_v7(),
-                tx,
-                control: Arc::new(Control::default()),
+                control: control.clone(),
                 info: Arc::new(SessionInfo {
-                    connected_at: message::now_rfc3339(),
+                    connected_at: time::OffsetDateTime::now_utc(),
                     groups: groups.iter().map(|g| g.to_string()).collect(),
                     capabilities: std::sync::Mutex::new(caps),
                 }),
             },
         );
-        (device, rx)
+        (device, control)
     }
 
     #[test]
