@@ -32,6 +32,7 @@ const MAX_PER_REPLICA: usize = 19_000;
 ///   mosaic-bench request --rate 1000 --seconds 10
 ///   mosaic-bench broadcast --devices 19000 --replicas 3
 ///   mosaic-bench soak --devices 10000 --duration 10m
+///   mosaic-bench registry --devices 10000 --revocations 10000 --clients 16
 ///   mosaic-bench all --tiny    # every scenario at a tiny size (the smoke test)
 #[derive(Debug, Parser)]
 #[command(name = "mosaic-bench", version, verbatim_doc_comment)]
@@ -136,10 +137,37 @@ pub enum Scenario {
         #[arg(long, default_value_t = 20)]
         request_rate: u64,
     },
+    /// 6. Registry: the gateway's connect rate and memory per device with
+    ///    revocations held beside an empty revocation stream; device-service's
+    ///    creates and reads on a private PostgreSQL beside pgbench on the same server.
+    Registry {
+        /// Devices connecting in each gateway phase (at most 19,000: one replica).
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Revocations (of other devices) loaded into the stream.
+        #[arg(long, default_value_t = 10_000)]
+        revocations: usize,
+        /// Rounds of the two gateway phases, alternated (medians are reported).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Concurrent REST clients, and pgbench's clients (`-c`).
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Most devices created.
+        #[arg(long, default_value_t = 100_000)]
+        creates: usize,
+        /// Most reads.
+        #[arg(long, default_value_t = 200_000)]
+        reads: usize,
+        /// Longest each REST phase runs, seconds; pgbench's `-T`.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Every scenario in turn on one broker, at one small size: `--tiny` (20 devices,
     /// a few seconds each) is the smoke test.
     All {
-        /// 20 devices, 400 events, 100 requests/s for 2 s, a 6 s soak.
+        /// 20 devices, 400 events, 100 requests/s for 2 s, a 6 s soak, 100
+        /// revocations and 1 s registry phases.
         #[arg(long)]
         tiny: bool,
     },
@@ -224,6 +252,32 @@ fn check(scenario: &Scenario) -> anyhow::Result<()> {
                 "--event-every: at least 100ms"
             );
             ensure!(*request_rate <= 5_000, "--request-rate: at most 5,000");
+        }
+        Scenario::Registry {
+            devices,
+            revocations,
+            rounds,
+            clients,
+            creates,
+            reads,
+            seconds,
+        } => {
+            ensure!(
+                (1..=MAX_PER_REPLICA).contains(devices),
+                "--devices: 1 to {MAX_PER_REPLICA}"
+            );
+            ensure!(
+                (1..=1_000_000).contains(revocations),
+                "--revocations: 1 to 1,000,000"
+            );
+            ensure!((1..=10).contains(rounds), "--rounds: 1 to 10");
+            ensure!((1..=200).contains(clients), "--clients: 1 to 200");
+            ensure!(
+                (1..=1_000_000).contains(creates),
+                "--creates: 1 to 1,000,000"
+            );
+            ensure!((1..=5_000_000).contains(reads), "--reads: 1 to 5,000,000");
+            ensure!((1..=600).contains(seconds), "--seconds: 1 to 600");
         }
         Scenario::All { .. } => {}
     }
@@ -378,6 +432,29 @@ async fn scenarios(
             )
             .await?,
         ),
+        Scenario::Registry {
+            devices,
+            revocations,
+            rounds,
+            clients,
+            creates,
+            reads,
+            seconds,
+        } => out.push(
+            scenario::registry::run(
+                ctx,
+                &scenario::registry::Registry {
+                    devices: *devices,
+                    revocations: *revocations,
+                    rounds: *rounds,
+                    clients: *clients,
+                    creates: *creates,
+                    reads: *reads,
+                    seconds: *seconds,
+                },
+            )
+            .await?,
+        ),
         Scenario::All { tiny } => {
             let n = if *tiny { 20 } else { 1_000 };
             out.push(scenario::idle::run(ctx, &[n], Duration::ZERO).await?);
@@ -398,6 +475,21 @@ async fn scenarios(
                         sample: Duration::from_secs(if *tiny { 2 } else { 10 }),
                         event_every: Duration::from_secs(1),
                         request_rate: 10,
+                    },
+                )
+                .await?,
+            );
+            out.push(
+                scenario::registry::run(
+                    ctx,
+                    &scenario::registry::Registry {
+                        devices: n,
+                        revocations: if *tiny { 100 } else { 10_000 },
+                        rounds: 1,
+                        clients: if *tiny { 2 } else { 16 },
+                        creates: if *tiny { 200 } else { 100_000 },
+                        reads: if *tiny { 400 } else { 200_000 },
+                        seconds: if *tiny { 1 } else { 10 },
                     },
                 )
                 .await?,

@@ -11,13 +11,13 @@
 //!
 //! - [`cli`]: the command line, and running the scenarios it names.
 //! - [`stack`]: the private broker (with Web-MQTT), the services as child processes,
-//!   a Hive receiver.
+//!   a Hive receiver (the registry scenario adds the harness's private PostgreSQL).
 //! - [`load`]: load processes, each holding at most a few thousand connections, and
 //!   the line protocol between them and the coordinator; [`load::worker`] is the
 //!   load process's side.
 //! - [`mqtt`]: the least of MQTT 3.1.1 over WebSocket the baselines need.
 //! - [`baseline`]: plain AMQP clients doing the broker's share of the same work.
-//! - [`scenario`]: the five scenarios and what they share.
+//! - [`scenario`]: the six scenarios and what they share.
 //! - [`procfs`]: memory, CPU and open files from `/proc`; the machine's load.
 //! - [`report`]: figures beside baselines, the table, the JSON file.
 //! - [`plot`]: the PNG charts.

@@ -120,26 +120,77 @@ pub struct Load {
     pub loadavg: [f64; 2],
 }
 
+/// CPU time of `pid` and of its children (user + system, seconds): those it
+/// waited for (`cutime`, `cstime`) and those running now, one level down. For a
+/// server that forks a process per connection (PostgreSQL), that is the server's
+/// whole use.
+pub fn tree_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let waited = (ticks(13) + ticks(14)) / TICKS;
+    let children: f64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| parent(*child) == Some(pid))
+        .map(cpu_secs)
+        .sum();
+    cpu_secs(pid) + waited + children
+}
+
+/// The parent of `pid`, while it runs.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The processes this run started (the broker, the services, the load
-/// processes) and the CPU of those already ended, so a phase's load can tell this
-/// run's work from other work on the machine.
-static OURS: Mutex<(f64, Vec<u32>)> = Mutex::new((0.0, Vec::new()));
+/// processes; and the servers read with their children), and the CPU of those
+/// already ended, so a phase's load can tell this run's work from other work on the
+/// machine.
+struct Ours {
+    ended: f64,
+    pids: Vec<u32>,
+    trees: Vec<u32>,
+}
+
+static OURS: Mutex<Ours> = Mutex::new(Ours {
+    ended: 0.0,
+    pids: Vec::new(),
+    trees: Vec::new(),
+});
 
 /// Counts `pid` as this run's from now on.
 pub fn track(pid: u32) {
     if let Ok(mut o) = OURS.lock() {
-        o.1.push(pid);
+        o.pids.push(pid);
     }
 }
 
-/// Keeps the CPU `pid` used so far and stops reading it: call just before it is
-/// stopped.
+/// Counts `pid` and its children as this run's from now on (see
+/// [`tree_cpu_secs`]).
+pub fn track_tree(pid: u32) {
+    if let Ok(mut o) = OURS.lock() {
+        o.trees.push(pid);
+    }
+}
+
+/// Keeps the CPU `pid` (and its children, if tracked with them) used so far and
+/// stops reading it: call just before it is stopped.
 pub fn retire(pid: u32) {
-    if let Ok(mut o) = OURS.lock()
-        && let Some(i) = o.1.iter().position(|p| *p == pid)
-    {
-        o.1.swap_remove(i);
-        o.0 += cpu_secs(pid);
+    if let Ok(mut o) = OURS.lock() {
+        if let Some(i) = o.pids.iter().position(|p| *p == pid) {
+            o.pids.swap_remove(i);
+            o.ended += cpu_secs(pid);
+        }
+        if let Some(i) = o.trees.iter().position(|p| *p == pid) {
+            o.trees.swap_remove(i);
+            o.ended += tree_cpu_secs(pid);
+        }
     }
 }
 
@@ -147,7 +198,11 @@ pub fn retire(pid: u32) {
 fn ours_cpu() -> f64 {
     let me = cpu_secs(std::process::id());
     match OURS.lock() {
-        Ok(o) => me + o.0 + o.1.iter().map(|p| cpu_secs(*p)).sum::<f64>(),
+        Ok(o) => {
+            me + o.ended
+                + o.pids.iter().map(|p| cpu_secs(*p)).sum::<f64>()
+                + o.trees.iter().map(|p| tree_cpu_secs(*p)).sum::<f64>()
+        }
         Err(_) => me,
     }
 }
@@ -248,5 +303,7 @@ mod tests {
         assert!(open_files(me) > 0);
         assert!(cpu_secs(me) >= 0.0);
         assert_eq!(rss_kib(u32::MAX), 0, "no such process");
+        assert!(tree_cpu_secs(me) >= cpu_secs(me));
+        assert_eq!(parent(me), Some(std::os::unix::process::parent_id()));
     }
 }

@@ -12,6 +12,7 @@ use crate::stack::Stack;
 
 pub mod broadcast;
 pub mod idle;
+pub mod registry;
 pub mod relay;
 pub mod request;
 pub mod soak;
@@ -386,22 +387,57 @@ impl Devices {
 #[derive(Debug)]
 pub struct CpuShares {
     started: Instant,
-    groups: Vec<(String, Vec<u32>, f64)>,
+    groups: Vec<Group>,
+}
+
+/// A named group of processes, read alone or with their children.
+#[derive(Debug)]
+struct Group {
+    name: String,
+    pids: Vec<u32>,
+    with_children: bool,
+    before: f64,
+}
+
+impl Group {
+    fn read(&self) -> f64 {
+        let one = if self.with_children {
+            procfs::tree_cpu_secs
+        } else {
+            cpu_secs
+        };
+        self.pids.iter().map(|p| one(*p)).sum()
+    }
 }
 
 impl CpuShares {
     /// Starts reading: `groups` are names and their pids.
     pub fn start(groups: Vec<(&str, Vec<u32>)>) -> Self {
-        CpuShares {
+        let mut shares = CpuShares {
             started: Instant::now(),
-            groups: groups
-                .into_iter()
-                .map(|(n, pids)| {
-                    let cpu = pids.iter().map(|p| cpu_secs(*p)).sum();
-                    (n.to_owned(), pids, cpu)
-                })
-                .collect(),
+            groups: Vec::new(),
+        };
+        for (name, pids) in groups {
+            shares.add(name, pids, false);
         }
+        shares
+    }
+
+    /// Also reads `pid` with its children (a server that forks per connection).
+    pub fn with_children(mut self, name: &str, pid: u32) -> Self {
+        self.add(name, vec![pid], true);
+        self
+    }
+
+    fn add(&mut self, name: &str, pids: Vec<u32>, with_children: bool) {
+        let mut g = Group {
+            name: name.to_owned(),
+            pids,
+            with_children,
+            before: 0.0,
+        };
+        g.before = g.read();
+        self.groups.push(g);
     }
 
     /// CPU seconds of each group since the start, and the wall time.
@@ -410,10 +446,7 @@ impl CpuShares {
         let used = self
             .groups
             .iter()
-            .map(|(n, pids, before)| {
-                let now: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
-                (n.clone(), (now - before).max(0.0))
-            })
+            .map(|g| (g.name.clone(), (g.read() - g.before).max(0.0)))
             .collect();
         (used, wall)
     }

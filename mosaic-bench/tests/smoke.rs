@@ -1,7 +1,9 @@
 //! Smoke test: every scenario of `mosaic-bench` at a tiny size (20 devices, a few
-//! seconds each) against the services' binaries of this build. It asserts only that
-//! each scenario completes and reports each figure beside a baseline, never a
-//! performance threshold: these machines are shared and noisy.
+//! seconds each) against the services' binaries of this build; the registry
+//! scenario also starts a private PostgreSQL from the distribution's package, as the
+//! tests do. It asserts only that each scenario completes and reports each figure
+//! beside a baseline, never a performance threshold: these machines are shared and
+//! noisy.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -54,7 +56,10 @@ fn every_scenario_runs_at_a_tiny_size() {
         .iter()
         .map(|s| s["scenario"].as_str().expect("a name"))
         .collect();
-    assert_eq!(scenarios, ["idle", "relay", "request", "broadcast", "soak"]);
+    assert_eq!(
+        scenarios,
+        ["idle", "relay", "request", "broadcast", "soak", "registry"]
+    );
     for s in run["scenarios"].as_array().expect("scenarios") {
         let figures = s["figures"].as_array().expect("figures");
         assert!(!figures.is_empty(), "{} reported no figure", s["scenario"]);

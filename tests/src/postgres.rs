@@ -319,7 +319,21 @@ impl Postgres {
         self._private.as_ref().map(|p| p.dir.path())
     }
 
-    fn program(&self, name: &str) -> PathBuf {
+    /// The pid of a private server's main process (`postmaster.pid`), while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        let file = self.dir()?.join("data/postmaster.pid");
+        std::fs::read_to_string(file)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The path of one of the package's programs (`pgbench`, `psql`), or the bare
+    /// name (looked up in `PATH`) when the package's directory lacks it.
+    pub fn program(&self, name: &str) -> PathBuf {
         match &self.bin {
             Some(bin) if bin.join(name).exists() => bin.join(name),
             _ => PathBuf::from(name),
