@@ -46,7 +46,7 @@ fn revocation(device: Uuid, revoked_at: i64) -> anyhow::Result<BasicProperties> 
 
 /// Declares the stream on `amqp` (a vhost's URL) and appends `n` revocations of
 /// fresh device ids (none of them a device that connects), confirmed, up to
-/// [`WINDOW`] unconfirmed; seconds it took.
+/// 256 unconfirmed at a time; seconds it took.
 pub async fn load(amqp: &str, n: usize) -> anyhow::Result<f64> {
     let (conn, ch) = confirm_channel(amqp).await?;
     ch.queue_declare(
