@@ -247,7 +247,6 @@ impl Link {
                 .mandatory
                 .then(|| Identity::new(&exchange, &key, &m.properties, &m.body));
             let confirmed = async move {
-                let ticket = book.ticket();
                 let confirm = ch
                     .basic_publish(
                         exchange,
@@ -264,7 +263,7 @@ impl Link {
                 let barrier = || async move {
                     let _ = ch.basic_qos(0, BasicQosOptions::default()).await;
                 };
-                Ok::<_, PublishError>(book.settle(ticket, confirm, identity, barrier).await)
+                Ok::<_, PublishError>(book.settle(confirm, identity, barrier).await)
             };
             let (acked, returned) = match tokio::time::timeout(timeout, confirmed).await {
                 Ok(Ok(Outcome::Confirmed { acked, returned })) => (acked, returned),

@@ -30,13 +30,16 @@
 //!   is a barrier: its answer is processed after that ack, and then polling finds
 //!   the return if there is one.
 //!
-//! A confirm exists from the moment its publish is handed to the library, a little
-//! before the publish can enter it in the book, and the broker's ack can come in
-//! between. So each publish takes a [`Ticket`] before it is handed over, and a
-//! publish deciding that it was not returned first waits until every publish that
-//! took a ticket before its confirm came is in the book (or gone).
+//! One gap remains: a confirm exists from the moment its publish is handed to the
+//! library, a little before that publish's task can enter it in the book (the task
+//! resumes once the frames are written). Should the broker's ack complete it in
+//! between, carrying another publish's return, that publish does not see its
+//! return. Waiting for every such publish to enter closes the gap but costs the
+//! gateway's event path half its throughput (the wait lasts as long as the
+//! channel's send backlog), so the book does not wait; the gap is a task wake-up
+//! long and needs a return in flight at that moment.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::pin::Pin;
@@ -126,9 +129,6 @@ struct Entry {
 #[derive(Default)]
 struct Inner {
     next: u64,
-    /// The next ticket, and the tickets taken whose confirm is not in the book yet.
-    next_ticket: u64,
-    unentered: BTreeSet<u64>,
     entries: HashMap<u64, Entry>,
     /// Returns that surfaced and that no publish has claimed yet.
     pool: Vec<(Identity, Instant)>,
@@ -213,29 +213,7 @@ fn split(
 
 /// The confirms of one publish channel and the returns that surfaced on them.
 #[derive(Default, Clone)]
-pub(crate) struct Book(Arc<Shared>);
-
-#[derive(Default)]
-struct Shared {
-    inner: Mutex<Inner>,
-    /// Told whenever a ticket is entered or given back.
-    entered: tokio::sync::Notify,
-}
-
-/// A publish's place in the book, taken before the publish is handed to the library.
-pub(crate) struct Ticket {
-    book: Book,
-    n: Option<u64>,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if let Some(n) = self.n.take() {
-            self.book.lock().unentered.remove(&n);
-            self.book.0.entered.notify_waiters();
-        }
-    }
-}
+pub(crate) struct Book(Arc<Mutex<Inner>>);
 
 impl std::fmt::Debug for Book {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -245,39 +223,13 @@ impl std::fmt::Debug for Book {
 
 impl Book {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A ticket for the next publish on the channel.
-    pub(crate) fn ticket(&self) -> Ticket {
-        let mut inner = self.lock();
-        let n = inner.next_ticket;
-        inner.next_ticket += 1;
-        inner.unentered.insert(n);
-        Ticket {
-            book: self.clone(),
-            n: Some(n),
-        }
-    }
-
-    /// Waits until every ticket below `horizon` is entered or given back.
-    async fn entered_below(&self, horizon: u64) {
-        loop {
-            let notified = self.0.entered.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.lock().unentered.range(..horizon).next().is_none() {
-                return;
-            }
-            notified.await;
-        }
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits for the confirm of a publish; `identity` is `Some` for a `mandatory`
     /// publish. `barrier` makes one round trip on the channel (see the module docs).
     pub(crate) async fn settle<B, F>(
         &self,
-        mut ticket: Ticket,
         confirm: PublisherConfirm,
         identity: Option<Identity>,
         barrier: B,
@@ -288,9 +240,6 @@ impl Book {
     {
         let id = {
             let mut inner = self.lock();
-            if let Some(n) = ticket.n.take() {
-                inner.unentered.remove(&n);
-            }
             let id = inner.next;
             inner.next += 1;
             inner.entries.insert(
@@ -306,10 +255,8 @@ impl Book {
             );
             id
         };
-        self.0.entered.notify_waiters();
-        drop(ticket);
         let guard = Owner { book: self, id };
-        let (done, carried_other, horizon) = std::future::poll_fn(|cx| {
+        let (done, carried_other) = std::future::poll_fn(|cx| {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let e = inner.entries.get_mut(&id).expect("an owned entry stays");
@@ -325,7 +272,7 @@ impl Book {
             inner.sweep();
             let e = inner.entries.get_mut(&id).expect("an owned entry stays");
             let done = e.done.clone().expect("completed above or by the sweep");
-            Poll::Ready((done, e.carried_other, inner.next_ticket))
+            Poll::Ready((done, e.carried_other))
         })
         .await;
         let acked = match done {
@@ -349,8 +296,6 @@ impl Book {
         if carried_other {
             barrier().await;
         }
-        // A confirm completed before this one may belong to a publish not entered yet.
-        self.entered_below(horizon).await;
         let returned = {
             let mut inner = self.lock();
             inner.sweep();
