@@ -12,9 +12,10 @@
 //! So a return is matched by what it carries: exchange, routing key and a digest of
 //! the body, `message_id` and `correlation_id` (the services give every message one
 //! of these, so a return never matches another message; two messages alike in all
-//! of them would route alike, so which of them got the return would not matter). Every confirm of a channel is completed through its
-//! [`Book`]: each return that surfaces on any of them goes to a pool, and a publish
-//! takes the return that matches it from there.
+//! of them would route alike, so which of them got the return would not matter).
+//! Every confirm of a channel is completed through its [`Book`]: each return that
+//! surfaces on any of them goes to a pool, and a publish takes the return that
+//! matches it from there.
 //!
 //! When can a publish conclude that no return of its own is coming? Its return was
 //! received before its ack, so by the time the library has processed that ack
