@@ -24,13 +24,12 @@
 //! returned up to this one has been confirmed by then. Two cases remain:
 //!
 //! - the publish's own confirm carried no return: the return, if any, was taken by
-//!   a confirm completed earlier, whose waker marked it ready when it completed;
-//!   polling the ready confirms finds it;
+//!   a confirm completed earlier; polling every confirm of the channel finds it;
 //! - its confirm carried another publish's return: its own may still be waiting
 //!   for a confirm the same ack completes a moment later. A round trip on the
 //!   channel (`basic.qos`, which changes nothing on a channel without consumers)
-//!   is a barrier: its answer is processed after that ack, and then polling the
-//!   ready confirms finds the return if there is one.
+//!   is a barrier: its answer is processed after that ack, and then polling finds
+//!   the return if there is one.
 //!
 //! One gap remains: a confirm exists from the moment its publish is handed to the
 //! library, a little before that publish's task can enter it in the book (the task
@@ -46,7 +45,7 @@ use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
@@ -119,10 +118,8 @@ struct Entry {
     /// Whether its publish still waits for it; an orphan (its publish gave up) is
     /// kept because its confirm may still carry another publish's return.
     owned: bool,
-    /// The waker its confirm is polled with: it marks the entry ready for the next
-    /// sweep and wakes the owner.
-    waker: Waker,
-    wake: Arc<EntryWake>,
+    /// The owner's waker, once it polled.
+    waker: Option<Waker>,
     /// `Some` once completed: acked or not, or the channel's error.
     done: Option<Result<bool, lapin::Error>>,
     /// Whether the own confirm carried a return that was not this publish's.
@@ -130,34 +127,8 @@ struct Entry {
     identity: Option<Identity>,
 }
 
-/// Marks an entry ready (its confirm may have completed) and wakes its owner.
-struct EntryWake {
-    id: u64,
-    ready: Arc<Mutex<Vec<u64>>>,
-    owner: Mutex<Option<Waker>>,
-}
-
-impl Wake for EntryWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.id);
-        let owner = self.owner.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = owner {
-            w.wake();
-        }
-    }
-}
-
 #[derive(Default)]
 struct Inner {
-    /// The entries whose confirm woke since the last sweep.
-    ready: Arc<Mutex<Vec<u64>>>,
     next: u64,
     entries: HashMap<u64, Entry>,
     /// Returns that surfaced and that no publish has claimed yet.
@@ -165,15 +136,6 @@ struct Inner {
 }
 
 impl Entry {
-    /// Polls the confirm with the entry's own waker; records it if completed.
-    fn poll(&mut self, pool: &mut Vec<(Identity, Instant)>) {
-        let waker = self.waker.clone();
-        let mut cx = Context::from_waker(&waker);
-        if let Poll::Ready(r) = Pin::new(&mut self.confirm).poll(&mut cx) {
-            self.complete(r, pool);
-        }
-    }
-
     /// Records a completed confirm; its return, if any, goes to `pool`.
     fn complete(
         &mut self,
@@ -191,20 +153,25 @@ impl Entry {
 }
 
 impl Inner {
-    /// Polls every entry whose confirm woke since the last sweep (a completed
-    /// confirm wakes its waker) and moves the returns that surfaced to the pool.
+    /// Polls every entry not yet completed (with its own owner's waker, so no
+    /// owner loses its wake-up) and moves the returns that surfaced to the pool.
     fn sweep(&mut self) {
-        let ready = std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()));
-        for id in ready {
-            let Some(e) = self.entries.get_mut(&id) else {
+        let mut finished = Vec::new();
+        for (&id, e) in &mut self.entries {
+            if e.done.is_some() {
                 continue;
-            };
-            if e.done.is_none() {
-                e.poll(&mut self.pool);
             }
-            if e.done.is_some() && !e.owned {
-                self.entries.remove(&id);
+            let waker = e.waker.clone().unwrap_or_else(|| Waker::noop().clone());
+            let mut cx = Context::from_waker(&waker);
+            if let Poll::Ready(r) = Pin::new(&mut e.confirm).poll(&mut cx) {
+                e.complete(r, &mut self.pool);
+                if !e.owned {
+                    finished.push(id);
+                }
             }
+        }
+        for id in finished {
+            self.entries.remove(&id);
         }
         let now = Instant::now();
         if self.pool.len() > MAX_POOL
@@ -273,28 +240,20 @@ impl Book {
         F: Future<Output = ()>,
     {
         let id = {
-            let mut guard = self.lock();
-            let inner = &mut *guard;
+            let mut inner = self.lock();
             let id = inner.next;
             inner.next += 1;
-            let wake = Arc::new(EntryWake {
+            inner.entries.insert(
                 id,
-                ready: inner.ready.clone(),
-                owner: Mutex::new(None),
-            });
-            let mut e = Entry {
-                confirm,
-                owned: true,
-                waker: Waker::from(wake.clone()),
-                wake,
-                done: None,
-                carried_other: false,
-                identity: identity.clone(),
-            };
-            // Registers the entry's waker at once (a confirm completed before now
-            // is recorded here).
-            e.poll(&mut inner.pool);
-            inner.entries.insert(id, e);
+                Entry {
+                    confirm,
+                    owned: true,
+                    waker: None,
+                    done: None,
+                    carried_other: false,
+                    identity: identity.clone(),
+                },
+            );
             id
         };
         let guard = Owner { book: self, id };
@@ -302,16 +261,19 @@ impl Book {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let e = inner.entries.get_mut(&id).expect("an owned entry stays");
-            *e.wake.owner.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
             if e.done.is_none() {
-                e.poll(&mut inner.pool);
+                match Pin::new(&mut e.confirm).poll(cx) {
+                    Poll::Pending => {
+                        e.waker = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(r) => e.complete(r, &mut inner.pool),
+                }
             }
             inner.sweep();
             let e = inner.entries.get_mut(&id).expect("an owned entry stays");
-            match e.done.clone() {
-                Some(done) => Poll::Ready((done, e.carried_other)),
-                None => Poll::Pending,
-            }
+            let done = e.done.clone().expect("completed above or by the sweep");
+            Poll::Ready((done, e.carried_other))
         })
         .await;
         let acked = match done {
@@ -363,7 +325,7 @@ impl Drop for Owner<'_> {
             return;
         }
         e.owned = false;
-        *e.wake.owner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        e.waker = None;
         let orphans = inner.entries.values().filter(|e| !e.owned).count();
         if orphans > MAX_ORPHANS {
             // A broker that confirms nothing: the link is replaced soon; keep the book small.
