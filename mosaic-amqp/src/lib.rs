@@ -52,7 +52,6 @@
 
 mod link;
 pub mod metrics;
-mod returns;
 pub mod settings;
 mod supervisor;
 

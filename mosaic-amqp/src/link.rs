@@ -4,13 +4,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, BasicQosOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-
-use crate::returns::{Book, Identity, Outcome};
 
 /// Room kept in a content-header frame for everything but the headers table: the
 /// frame envelope (7 bytes of header and 1 end octet), class, weight, body size and
@@ -127,8 +125,6 @@ pub struct Link {
     pub(crate) lost: CancellationToken,
     /// One per publish channel.
     pub(crate) refusals: Vec<Mutex<Refusals>>,
-    /// One per publish channel: which publish each return belongs to.
-    pub(crate) returns: Vec<Book>,
     /// Cancelled when a publish channel has refused every publish for
     /// [`REFUSED_FOR`]: the supervisor replaces the link.
     pub(crate) refused: CancellationToken,
@@ -240,12 +236,7 @@ impl Link {
             let exchange =
                 ShortString::try_new(m.exchange).map_err(|_| PublishError::NameTooLong)?;
             let key = ShortString::try_new(m.routing_key).map_err(|_| PublishError::NameTooLong)?;
-            let i = channel % link.publishers.len();
-            let ch = link.publishers[i].clone();
-            let book = link.returns[i].clone();
-            let identity = m
-                .mandatory
-                .then(|| Identity::new(&exchange, &key, &m.properties, &m.body));
+            let ch = link.channel(channel).clone();
             let confirmed = async move {
                 let confirm = ch
                     .basic_publish(
@@ -259,26 +250,19 @@ impl Link {
                         m.properties,
                     )
                     .await?;
-                // A round trip that changes nothing on a channel without consumers.
-                let barrier = || async move {
-                    let _ = ch.basic_qos(0, BasicQosOptions::default()).await;
-                };
-                Ok::<_, PublishError>(book.settle(confirm, identity, barrier).await)
+                Ok::<_, PublishError>(confirm.await?)
             };
-            let (acked, returned) = match tokio::time::timeout(timeout, confirmed).await {
-                Ok(Ok(Outcome::Confirmed { acked, returned })) => (acked, returned),
-                Ok(Ok(Outcome::Failed(e))) => return Err(e.into()),
-                Ok(Err(e)) => return Err(e),
+            let c = match tokio::time::timeout(timeout, confirmed).await {
+                Ok(c) => c?,
                 Err(_) => return Err(PublishError::Timeout(timeout)),
             };
-            link.record_confirm(channel, acked);
-            if !acked {
+            link.record_confirm(channel, !c.is_nack());
+            if c.is_nack() {
                 return Err(PublishError::Nacked);
             }
-            Ok(if returned {
-                Routed::Returned
-            } else {
-                Routed::Yes
+            Ok(match c.take_message() {
+                Some(_) => Routed::Returned,
+                None => Routed::Yes,
             })
         }
     }

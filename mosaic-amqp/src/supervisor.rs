@@ -343,7 +343,6 @@ async fn build(
     let link = Link {
         conn,
         refusals: publishers.iter().map(|_| Default::default()).collect(),
-        returns: publishers.iter().map(|_| Default::default()).collect(),
         publishers,
         consumers: channels,
         consumer_tags: tags,
