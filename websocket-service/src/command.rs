@@ -315,18 +315,11 @@ fn request(
 mod tests {
     use super::*;
     use crate::registry::{Control, SessionHandle};
-    use clap::Parser;
     use lapin::BasicProperties;
     use serde_json::json;
 
     fn gateway() -> Arc<Gateway> {
-        let config = crate::Config::try_parse_from([
-            "ws",
-            "--jwt-secret",
-            "unit-test-secret-0123456789-abcdefghij",
-        ])
-        .unwrap();
-        Arc::new(Gateway::new(&config).unwrap())
+        Gateway::for_tests()
     }
 
     fn delivery(device: Uuid) -> (Map<String, Value>, Delivery) {

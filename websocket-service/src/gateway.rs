@@ -69,6 +69,19 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway with default settings and a test secret, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Arc<Gateway> {
+        use clap::Parser;
+        let config = crate::Config::try_parse_from([
+            "ws",
+            "--jwt-secret",
+            "unit-test-secret-0123456789-abcdefghij",
+        ])
+        .unwrap();
+        Arc::new(Gateway::new(&config).unwrap())
+    }
+
     /// A replica's state from its configuration; nothing connects yet.
     pub fn new(config: &Config) -> Result<Self, crate::auth::KeyError> {
         let id = config.gateway_id.unwrap_or_else(Uuid::new_v4);

@@ -455,17 +455,10 @@ mod tests {
     use super::*;
     use crate::registry::Control;
     use crate::registry::SessionInfo;
-    use clap::Parser;
     use mosaic_protocol::fleet::Capabilities;
 
     fn gateway() -> Arc<Gateway> {
-        let config = crate::Config::try_parse_from([
-            "ws",
-            "--jwt-secret",
-            "unit-test-secret-0123456789-abcdefghij",
-        ])
-        .unwrap();
-        Arc::new(Gateway::new(&config).unwrap())
+        Gateway::for_tests()
     }
 
     fn hold(gw: &Gateway, groups: &[&str], services: Option<&[&str]>) -> (Uuid, Arc<Control>) {
