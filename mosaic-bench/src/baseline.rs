@@ -9,11 +9,11 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use mosaic_protocol::command::Kind;
 use mosaic_protocol::exchange::{self, Lifecycle};
 use mosaic_protocol::header;
 use serde_json::{Map, json};
@@ -61,10 +61,9 @@ async fn connect(url: &str) -> anyhow::Result<Connection> {
 
 /// The broker's share of `n` device connects, asked by a plain AMQP client: per
 /// connect, a `device.<id>` binding to an exclusive queue on
-/// `mosaic.commands.devices` and one persistent, confirmed `connected` lifecycle
-/// message on `mosaic.events` whose `BCC` names the device's key (it reaches the
-/// queue through the exchange binding `device.*` and comes back to the queue's
-/// consumer, as a replica's own takeover notice does); `concurrency` connects at
+/// `mosaic.commands.devices`, a takeover notice to that key (it comes back to the
+/// queue's consumer, as a replica's own notice does) and a persistent `connected`
+/// lifecycle message on `mosaic.events`, both confirmed; `concurrency` connects at
 /// once, as the gateway's clients do.
 pub async fn connect_work(
     amqp: &str,
@@ -96,14 +95,6 @@ pub async fn connect_work(
         exchange::COMMANDS_DEVICES.into(),
         ExchangeKind::Direct,
         durable,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_bind(
-        exchange::COMMANDS_DEVICES.into(),
-        exchange::EVENTS.into(),
-        exchange::ALL_DEVICES.into(),
-        ExchangeBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
@@ -169,7 +160,7 @@ pub async fn connect_work(
     anyhow::ensure!(failed == 0, "broker alone: {failed} of {n} connects failed");
     let elapsed = started.elapsed();
     let result = ConnectWork {
-        work: "binding, lifecycle message that is the takeover notice too",
+        work: "binding, takeover notice, lifecycle message",
         rate: n as f64 / elapsed.as_secs_f64(),
         broker_us: (cpu_secs(broker_pid) - broker_before) * 1e6 / n.max(1) as f64,
         client_us: (cpu_secs(std::process::id()) - client_before) * 1e6 / n.max(1) as f64,
@@ -198,6 +189,8 @@ async fn one_connect(ch: Channel, queue: ShortString, gateway: Uuid) -> anyhow::
         FieldTable::default(),
     )
     .await?;
+    let mut takeover = ids.to_vec();
+    takeover.push((header::KIND, Kind::Takeover.as_str().into()));
     let mut lifecycle = ids.to_vec();
     lifecycle.extend([
         (header::KIND, header::KIND_LIFECYCLE.into()),
@@ -205,11 +198,15 @@ async fn one_connect(ch: Channel, queue: ShortString, gateway: Uuid) -> anyhow::
         (header::MESSAGE_ID, Uuid::now_v7().to_string()),
         (header::RECEIVED_AT, "2026-01-01T00:00:00.000000Z".into()),
     ]);
-    let mut headers = table(&lifecycle);
-    headers.insert(
-        exchange::BCC.into(),
-        AMQPValue::FieldArray(vec![AMQPValue::LongString(key.into())].into()),
-    );
+    let t = ch
+        .basic_publish(
+            exchange::COMMANDS_DEVICES.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"null",
+            BasicProperties::default().with_headers(table(&takeover)),
+        )
+        .await?;
     let l = ch
         .basic_publish(
             exchange::EVENTS.into(),
@@ -218,10 +215,10 @@ async fn one_connect(ch: Channel, queue: ShortString, gateway: Uuid) -> anyhow::
             b"null",
             BasicProperties::default()
                 .with_delivery_mode(2)
-                .with_headers(headers),
+                .with_headers(table(&lifecycle)),
         )
         .await?;
-    Ok(l.await?.is_ack())
+    Ok(t.await?.is_ack() && l.await?.is_ack())
 }
 
 /// Waits (at most 30 s) until RabbitMQ deleted the exclusive `queue` of a closed

@@ -13,15 +13,13 @@
 //! A gateway turns such a message into the device frame
 //! `{"type":<kind>, ...headers without kind, "data":<body>}`.
 //!
-//! When a device authenticates, its gateway's `connected` lifecycle message (headers
-//! `kind` `lifecycle`, `device`, `session`, `gateway`) carries the device's routing
-//! key in [`crate::exchange::BCC`], so it also reaches every gateway queue bound for
-//! the device: every other gateway holding an *older* session of that device
-//! (sessions are UUIDv7, so they order by time) closes it with 4409. A
-//! [`Kind::Takeover`] message (the same headers) does the same; a gateway publishes
-//! one, with the device's routing key straight to
-//! [`crate::exchange::COMMANDS_DEVICES`], when an older session elsewhere announced
-//! itself after its own. Neither reaches a device.
+//! A [`Kind::Takeover`] message (headers `kind`, `device`, `session`, `gateway`) is
+//! published by a gateway when a device authenticates, with the device's routing key,
+//! straight to [`crate::exchange::COMMANDS_DEVICES`] (where the device bindings are;
+//! going through the topic exchange would only add a topic match per connect): every
+//! other gateway holding an *older* session of that device (sessions are UUIDv7, so
+//! they order by time) closes it with 4409. It never reaches a device. A takeover
+//! published to `mosaic.commands` works the same way.
 //!
 //! ## On the reply path
 //!

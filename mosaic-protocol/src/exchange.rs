@@ -28,17 +28,11 @@ pub const FLEET: &str = "mosaic.fleet";
 pub const ALL_GATEWAYS: &str = "gateway.#";
 
 /// Direct exchange, durable: the per-device bindings of the gateways
-/// ([`device_key`]). Bound to [`COMMANDS`] and to [`EVENTS`] with [`ALL_DEVICES`]:
-/// a gateway's `connected` message carries its device's key in [`BCC`], so the one
-/// message that tells Hive is also the takeover notice other gateways hear (see
-/// `crate::command`). Nobody publishes to it directly.
+/// ([`device_key`]). Bound to [`COMMANDS`] with [`ALL_DEVICES`]; nobody publishes to
+/// it directly.
 pub const COMMANDS_DEVICES: &str = "mosaic.commands.devices";
 /// Binding pattern of [`COMMANDS_DEVICES`] on [`COMMANDS`]: every [`device_key`].
 pub const ALL_DEVICES: &str = "device.*";
-
-/// RabbitMQ's sender-selected distribution header: more routing keys for one
-/// publish, removed from the message before any queue stores it.
-pub const BCC: &str = "BCC";
 
 /// Routing key on [`COMMANDS`] that every connected device receives.
 pub const BROADCAST_KEY: &str = "broadcast";

@@ -1,8 +1,8 @@
 //! The RabbitMQ side of a replica, on the supervised link of `mosaic-amqp`.
 //!
 //! Every connection gets: `mosaic.events` and `mosaic.commands` (topic, durable),
-//! `mosaic.commands.devices` (direct, durable, bound to `mosaic.commands` and to
-//! `mosaic.events` with `device.*`), a few confirm-mode publish channels, and this replica's exclusive,
+//! `mosaic.commands.devices` (direct, durable, bound to `mosaic.commands` with
+//! `device.*`), a few confirm-mode publish channels, and this replica's exclusive,
 //! auto-delete queue `mosaic.gateway.<gateway-id>` bound to `broadcast`, consumed
 //! on a channel of its own. Commands leave this module through a bounded channel
 //! ([`Broker::start`] returns its receiver); what to bind again after a reconnect
@@ -24,7 +24,7 @@
 //!
 //! Bindings go through one topology task, in order, on the device's publish channel,
 //! with `nowait`, so thousands of connects per second do not wait a round trip each;
-//! a later publish on the same channel (the session's `connected` message) is confirmed
+//! a later publish on the same channel (the session's takeover notice) is confirmed
 //! only after the broker applied the bind, and fails if the bind failed (a failed
 //! bind closes the channel). When a new link comes up the task binds every device
 //! the replica holds, and the replica is ready only once that is done.
@@ -377,17 +377,15 @@ async fn declare(
         ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
             .await?;
     }
-    // Idempotent: every replica makes the same bindings at every connect.
-    for source in [exchange::COMMANDS, exchange::EVENTS] {
-        ch.exchange_bind(
-            exchange::COMMANDS_DEVICES.into(),
-            source.into(),
-            exchange::ALL_DEVICES.into(),
-            ExchangeBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    }
+    // Idempotent: every replica makes the same binding at every connect.
+    ch.exchange_bind(
+        exchange::COMMANDS_DEVICES.into(),
+        exchange::COMMANDS.into(),
+        exchange::ALL_DEVICES.into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     let mut stream = FieldTable::default();
     stream.insert("x-queue-type".into(), long("stream"));
     stream.insert("x-max-age".into(), long(registry::REVOCATIONS_MAX_AGE));

@@ -10,9 +10,7 @@
 //! `mosaic_ws_broadcast_dropped_total`): a burst of broadcasts must not disconnect
 //! the fleet. A request that finds no session here, or a full queue, is answered
 //! `undeliverable` at once.
-//! `kind` `takeover`, or a device's `connected` message (which reaches this queue
-//! from `mosaic.events` through its `BCC` key), closes an older local session of the
-//! device with 4409.
+//! `kind` `takeover` closes an older local session of the device with 4409.
 //!
 //! The fleet's kinds (`presence`, `kick`, `list`, `announce`), the `group.<name>`
 //! routing key and scatter-gather requests (`request` with `group.<name>` or
@@ -83,13 +81,6 @@ pub(crate) fn dispatch(gw: &Arc<Gateway>, d: &Delivery) {
         },
         None => Map::new(),
     };
-    if d.exchange.as_str() == exchange::EVENTS {
-        // Another session's `connected` message, its takeover notice (see
-        // `mosaic_protocol::exchange::BCC`); this replica's own comes back too.
-        let device = header_uuid(&headers, header::DEVICE);
-        takeover(gw, &headers, device);
-        return;
-    }
     if header_str(&headers, header::KIND) == Some(mosaic_protocol::registry::KIND_RPC_REPLY) {
         // device-service's answer to an enrol or renew of this replica.
         gw.rpc.answer(d);

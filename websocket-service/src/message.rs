@@ -156,21 +156,11 @@ pub(crate) fn lifecycle_with(
         h.insert(header::REASON.into(), reason.as_str().into());
         h.insert(header::DURATION_MS.into(), ms.into());
     }
-    // `connected` is the takeover notice too: its device's key in `BCC` takes it to
-    // every gateway queue bound for the device, this replica's own included (so it
-    // always routes), and RabbitMQ strips `BCC` before any queue stores it.
-    let takeover = event == Lifecycle::Connected;
-    if takeover {
-        h.insert(
-            exchange::BCC.into(),
-            Value::Array(vec![exchange::device_key(origin.device).into()]),
-        );
-    }
     Outgoing {
         device: origin.device,
         exchange: exchange::EVENTS,
         routing_key: exchange::lifecycle_key(origin.device, event),
-        mandatory: !takeover,
+        mandatory: true,
         properties: persistent(message_id).with_headers(
             amqp_value_json::to_field_table(&h).expect("lifecycle headers always fit"),
         ),
@@ -178,10 +168,7 @@ pub(crate) fn lifecycle_with(
     }
 }
 
-/// The takeover notice other replicas react to (see `mosaic_protocol::command`),
-/// alone: a session's own notice travels in its `connected` message
-/// ([`lifecycle_with`]); this one answers an older session that announced itself
-/// late.
+/// The takeover notice other replicas react to (see `mosaic_protocol::command`).
 pub(crate) fn takeover(origin: Origin) -> Outgoing {
     let h = origin.headers(Kind::Takeover.as_str());
     Outgoing {

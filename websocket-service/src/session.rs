@@ -486,24 +486,36 @@ async fn run_session<S, E>(
 }
 
 /// The broker work of a connect: the device's command route and its groups' routes,
-/// then one confirmed message, `connected` (with the session's groups and declared
-/// capabilities), which is also the takeover notice older sessions elsewhere hear.
-/// `Some` (close 1013) when the device must not be told `welcome`: commands could
-/// not reach it, or Hive would not hear of it.
+/// the takeover notice and the `connected` message (with the session's groups and
+/// declared capabilities). `Some` (close 1013) when the device must not be told
+/// `welcome`: commands could not reach it, or Hive would not hear of it.
 async fn connect(gw: &Gateway, origin: Origin, info: &SessionInfo) -> Option<End> {
-    // Bind before telling anyone; the publish on the same channel is confirmed only
-    // once the broker applied the bind (a failed bind closes the channel), and then
-    // reaches every queue bound for the device, so two sessions connecting at once
-    // on two replicas hear at least one of each other.
+    // Bind before telling anyone; the takeover publish on the same channel is
+    // confirmed only once the broker applied the bind (and fails if it failed).
     if !gw.broker.bind(origin.device).await || !gw.broker.sync_groups(&info.groups).await {
         tracing::warn!("device refused: its command route could not be bound");
         return Some(End::new(DisconnectReason::BrokerUnavailable));
     }
     let fields = crate::fleet::connected_fields(info);
-    let connected = message::lifecycle_with(origin, Lifecycle::Connected, None, fields);
-    if let Err(e) = gw.broker.publish(connected).await {
-        tracing::warn!(error = %e, "device refused: the broker did not confirm its connect");
-        return Some(End::new(DisconnectReason::BrokerUnavailable));
+    let (takeover, connected) = tokio::join!(
+        gw.broker.publish(message::takeover(origin)),
+        gw.broker.publish(message::lifecycle_with(
+            origin,
+            Lifecycle::Connected,
+            None,
+            fields
+        )),
+    );
+    match (takeover, connected) {
+        (Ok(()), Ok(())) => {}
+        // Nothing consumes lifecycle messages yet: nobody to tell, the session is sound.
+        (Ok(()), Err(PublishError::Unroutable)) => {
+            tracing::debug!("no queue takes lifecycle messages");
+        }
+        (t, c) => {
+            tracing::warn!(takeover = ?t.err(), connected = ?c.err(), "device refused: the broker did not confirm its connect");
+            return Some(End::new(DisconnectReason::BrokerUnavailable));
+        }
     }
     tracing::info!("device connected");
     None
