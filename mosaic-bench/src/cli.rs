@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::procfs::Machine;
+use crate::procfs::{self, Machine};
 use crate::report::Run;
 use crate::scenario::{self, Ctx};
 use crate::stack::{Stack, default_bin_dir};
@@ -60,6 +60,11 @@ pub struct Args {
     /// No progress bars (they are drawn only on a terminal anyway).
     #[arg(long, global = true)]
     pub no_progress: bool,
+    /// Split the cores: the broker on the first N, this tool and everything it
+    /// starts (services, load processes, baselines' clients) on the rest, so that
+    /// neither side competes with the other for a core. Needs more than N cores.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub broker_cores: Option<u64>,
     /// The scenario.
     #[command(subcommand)]
     pub scenario: Scenario,
@@ -296,6 +301,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
+    let split = match args.broker_cores {
+        Some(n) => {
+            let n = n as usize;
+            anyhow::ensure!(
+                n < machine.cpus,
+                "--broker-cores {n}: the machine has {} cores, and the rest need one",
+                machine.cpus
+            );
+            // Pinned before anything starts, so every process started after
+            // inherits the rest; the broker is moved to its own cores once up.
+            procfs::pin(std::process::id(), n..machine.cpus)?;
+            Some(n)
+        }
+        None => None,
+    };
     eprintln!(
         "mosaic-bench: {} cores ({}), {:.0} GiB, load average {:.2}; starting a private RabbitMQ",
         machine.cpus, machine.cpu_model, machine.memory_gib, machine.loadavg_at_start
@@ -306,6 +326,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         per_process: args.per_process as usize,
         concurrency: args.concurrency as usize,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
+        broker_cores: split.map(|n| (n, machine.cpus)),
     };
     let mut run = Run {
         tool: format!("mosaic-bench {}", env!("CARGO_PKG_VERSION")),
@@ -343,6 +364,8 @@ struct Settings {
     per_process: usize,
     concurrency: usize,
     progress: bool,
+    /// `--broker-cores` and the machine's cores.
+    broker_cores: Option<(usize, usize)>,
 }
 
 impl Settings {
@@ -368,8 +391,15 @@ async fn broker(
         "mosaic-bench: RabbitMQ {} (Erlang {}), Web-MQTT on {}",
         stack.rabbitmq_version, stack.erlang_version, stack.web_mqtt
     );
-    run.broker =
-        serde_json::json!({"rabbitmq": stack.rabbitmq_version, "erlang": stack.erlang_version});
+    let mut cores = serde_json::Value::Null;
+    if let Some((n, cpus)) = settings.broker_cores {
+        procfs::pin(stack.broker_pid, 0..n)?;
+        eprintln!("mosaic-bench: the broker on cores 0..{n}, everything else on {n}..{cpus}");
+        cores = serde_json::json!({"broker": format!("0..{n}"), "rest": format!("{n}..{cpus}")});
+    }
+    run.broker = serde_json::json!({
+        "rabbitmq": stack.rabbitmq_version, "erlang": stack.erlang_version, "cores": cores,
+    });
     Ok(stack)
 }
 

@@ -292,6 +292,32 @@ impl Machine {
     }
 }
 
+/// Moves every thread of `pid` onto the cores `cpus` (later threads and children
+/// inherit it), with util-linux's `taskset`.
+pub fn pin(pid: u32, cpus: std::ops::Range<usize>) -> anyhow::Result<()> {
+    let list = format!(
+        "{}-{}",
+        cpus.start,
+        cpus.end.saturating_sub(1).max(cpus.start)
+    );
+    let out = std::process::Command::new("taskset")
+        .args([
+            "--all-tasks",
+            "--cpu-list",
+            "--pid",
+            &list,
+            &pid.to_string(),
+        ])
+        .output()
+        .map_err(|e| anyhow::anyhow!("taskset (util-linux) could not run: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset {list} {pid}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
