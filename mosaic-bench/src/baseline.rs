@@ -62,8 +62,9 @@ async fn connect(url: &str) -> anyhow::Result<Connection> {
 /// The broker's share of `n` device connects, asked by a plain AMQP client: per
 /// connect, a `device.<id>` binding to an exclusive queue on
 /// `mosaic.commands.devices`, a takeover notice to that key (it comes back to the
-/// queue's consumer, as a replica's own notice does) and a persistent `connected`
-/// lifecycle message on `mosaic.events`, both confirmed; `concurrency` connects at
+/// queue's consumer, as a replica's own notice does) and a persistent, `mandatory`
+/// `connected` lifecycle message on `mosaic.events`, both confirmed, with the
+/// properties the gateway sets; `concurrency` connects at
 /// once, as the gateway's clients do.
 pub async fn connect_work(
     amqp: &str,
@@ -207,14 +208,22 @@ async fn one_connect(ch: Channel, queue: ShortString, gateway: Uuid) -> anyhow::
             BasicProperties::default().with_headers(table(&takeover)),
         )
         .await?;
+    // `mandatory`, as the gateway's: with no relay queue bound (the idle scenario
+    // runs no device-service) RabbitMQ returns it, and that is work too.
     let l = ch
         .basic_publish(
             exchange::EVENTS.into(),
             exchange::lifecycle_key(device, Lifecycle::Connected).into(),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             b"null",
             BasicProperties::default()
                 .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(Uuid::now_v7().to_string().into())
+                .with_timestamp(0)
                 .with_headers(table(&lifecycle)),
         )
         .await?;
