@@ -5,8 +5,8 @@ use crate::{
 use std::{
     collections::VecDeque,
     fmt,
-    hash::{DefaultHasher, Hash, Hasher},
-    sync::{Arc, Mutex, MutexGuard},
+    hash::{BuildHasher, Hash, Hasher, RandomState},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
 };
 use tracing::{trace, warn};
 
@@ -20,7 +20,9 @@ pub(crate) struct ReturnedMessages(Arc<Mutex<Inner>>);
 /// several at once). What a return does carry back unchanged is the exchange,
 /// the routing key, the body and the properties: a digest of those (with the
 /// message and correlation ids) tells whose return it is. Two publishes that agree
-/// on all of it are the same message and may trade returns.
+/// on all of it are the same message and may trade returns. The digest is keyed
+/// with keys secret to the process, so whoever chooses a message's content cannot
+/// make it collide with another's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ReturnIdentity(u64);
 
@@ -31,7 +33,8 @@ impl ReturnIdentity {
         payload: &[u8],
         properties: &BasicProperties,
     ) -> Self {
-        let mut hasher = DefaultHasher::new();
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        let mut hasher = KEYS.get_or_init(RandomState::new).build_hasher();
         exchange.hash(&mut hasher);
         routing_key.hash(&mut hasher);
         payload.hash(&mut hasher);
