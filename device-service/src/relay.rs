@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use axum::body::Bytes;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use mosaic_amqp::{Incoming, Link, Publish, Routed, header_str};
 use mosaic_protocol::header;
@@ -209,9 +209,9 @@ impl Relay {
             metrics::hive_attempt(outcome.label(), started.elapsed());
             match outcome {
                 Outcome::Delivered => {
-                    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    if !link.ack(delivery).await {
                         // The broker will deliver it again: at least once.
-                        warn!(message_id, error = %e, "ack after delivery failed");
+                        warn!(message_id, "ack after delivery failed");
                     }
                     debug!(message_id, attempts, "delivered");
                     metrics::delivery_finished("delivered");
@@ -321,9 +321,9 @@ impl Relay {
         };
         match link.publish(0, copy, self.publish_timeout).await {
             Ok(Routed::Yes) => {
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                if !link.ack(delivery).await {
                     // The original comes back too: delivered at least once.
-                    warn!(error = %e, "ack after parking failed");
+                    warn!("ack after parking failed");
                 }
                 metrics::delivery_finished("parked");
             }
@@ -374,8 +374,8 @@ impl Relay {
         };
         let error = match link.publish(0, copy, self.publish_timeout).await {
             Ok(Routed::Yes) => {
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    warn!(error = %e, "ack after dead-lettering failed");
+                if !link.ack(delivery).await {
+                    warn!("ack after dead-lettering failed");
                 }
                 metrics::dead_lettered(why);
                 metrics::delivery_finished("dead_lettered");

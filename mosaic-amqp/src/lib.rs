@@ -56,8 +56,8 @@ pub mod settings;
 mod supervisor;
 
 pub use link::{
-    CONTENT_HEADER_RESERVE, Link, Publish, PublishError, REFUSED_AT_LEAST, REFUSED_FOR, Routed,
-    header_str, max_headers_bytes,
+    ACK_TIMEOUT, CONTENT_HEADER_RESERVE, Link, Publish, PublishError, REFUSED_AT_LEAST,
+    REFUSED_FOR, Routed, header_str, max_headers_bytes,
 };
 pub use settings::{BrokerArgs, Settings};
 pub use supervisor::{Amqp, Consume, Incoming, Plan};

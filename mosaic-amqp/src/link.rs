@@ -17,6 +17,9 @@ use tracing::warn;
 /// 2,592 bytes in all, rounded up.
 pub const CONTENT_HEADER_RESERVE: usize = 4096;
 
+/// The longest [`Link::ack`] waits for an ack to go out.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a publish channel may get nothing but negative confirms (and at least
 /// [`REFUSED_AT_LEAST`] of them) before its link counts as failed and is replaced.
 ///
@@ -186,6 +189,25 @@ impl Link {
     /// acked (the broker requeues them).
     pub fn lost(&self) -> &CancellationToken {
         &self.lost
+    }
+
+    /// Acks `delivery`, which came on this link; false when it could not be. Never
+    /// waits past [`ACK_TIMEOUT`], nor once the link is lost: an ack handed to a
+    /// connection whose socket just died can stay unanswered forever, and whoever
+    /// awaits it (a loop that acks one delivery before taking the next) would stop
+    /// with it. An ack that did not go out is no loss: the broker requeues what a
+    /// closed connection had not acked (or drops it with an exclusive queue).
+    pub async fn ack(&self, delivery: &lapin::message::Delivery) -> bool {
+        if self.lost.is_cancelled() {
+            return false;
+        }
+        let ack = delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default());
+        tokio::select! {
+            r = tokio::time::timeout(ACK_TIMEOUT, ack) => matches!(r, Ok(Ok(_))),
+            _ = self.lost.cancelled() => false,
+        }
     }
 
     /// Publish channel `i` (modulo their number): every message and binding about one

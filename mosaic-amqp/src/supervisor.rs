@@ -81,6 +81,11 @@ impl Incoming {
     pub fn is_stale(&self) -> bool {
         self.link.lost.is_cancelled()
     }
+
+    /// Acks it on its link, never waiting past [`crate::ACK_TIMEOUT`] ([`Link::ack`]).
+    pub async fn ack(&self) -> bool {
+        self.link.ack(&self.delivery).await
+    }
 }
 
 type Events = Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;

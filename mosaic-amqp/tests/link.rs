@@ -326,6 +326,33 @@ async fn a_channel_refusing_every_publish_replaces_the_link() {
     amqp.shutdown().await;
 }
 
+/// A delivery acked on its live link is acked; one whose link a cut took away is
+/// not, and the ack says so at once instead of waiting on a dead connection (a loop
+/// that acks one delivery before taking the next would stop there).
+#[tokio::test]
+async fn an_ack_on_a_lost_link_gives_up_at_once() {
+    let vhost = broker().vhost("link-ack").await;
+    let proxy = FaultProxy::start(broker().amqp_addr()).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (amqp, mut rx) = start(vec![via(&proxy, &vhost.amqp_url)], "q.ack", runs);
+    let link = up(&amqp, 0).await;
+    for body in [b"1", b"2"] {
+        let r = link.publish(0, to_queue("q.ack", body), T).await.unwrap();
+        assert_eq!(r, Routed::Yes);
+    }
+    let first = next(&mut rx).await;
+    let second = next(&mut rx).await;
+    assert!(within(WAIT, "an ack on a live link", first.ack()).await);
+
+    proxy.cut();
+    within(WAIT, "the link to be marked lost", link.lost().cancelled()).await;
+    assert!(second.is_stale());
+    let started = std::time::Instant::now();
+    assert!(!within(WAIT, "an ack on a lost link", second.ack()).await);
+    assert!(started.elapsed() < mosaic_amqp::ACK_TIMEOUT);
+    amqp.shutdown().await;
+}
+
 /// RabbitMQ's `basic.return` names no delivery tag, and the client library as
 /// published hands each return to whichever confirm it completes next (about 26 in
 /// 400 swapped here): with routable and unroutable `mandatory` publishes in flight

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use mosaic_amqp::Incoming;
 use mosaic_protocol::close::DisconnectReason;
 use mosaic_protocol::command::{Kind, undeliverable};
@@ -57,11 +56,14 @@ fn header_uuid(h: &Map<String, Value>, name: &str) -> Option<Uuid> {
 
 /// Delivers the replica's commands until the broker side ends. Each is queued for
 /// its session or answered (dispatch never blocks), then acked: acking is what lets
-/// the next one come.
+/// the next one come. The ack is bounded: one that came on a link just lost must not
+/// stop the loop (the commands of the next link would wait behind it forever).
 pub(crate) async fn run(gw: Arc<Gateway>, mut commands: mpsc::Receiver<Incoming>) {
     while let Some(c) = commands.recv().await {
         dispatch(&gw, &c.delivery);
-        let _ = c.delivery.acker.ack(BasicAckOptions::default()).await;
+        if !c.ack().await {
+            tracing::debug!("a command's ack did not go out; its link is gone");
+        }
     }
 }
 

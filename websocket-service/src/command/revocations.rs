@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use lapin::BasicProperties;
-use lapin::options::BasicAckOptions;
 use mosaic_amqp::Incoming;
 use mosaic_protocol::close::DisconnectReason;
 use mosaic_protocol::registry as wire;
@@ -70,7 +69,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut deliveries: mpsc::Receiver<Incomin
             d = deliveries.recv() => {
                 let Some(incoming) = d else { return };
                 handle(&gw, &incoming, incoming.link.generation());
-                let _ = incoming.delivery.acker.ack(BasicAckOptions::default()).await;
+                incoming.ack().await;
             }
             r = links.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if retry => {}
