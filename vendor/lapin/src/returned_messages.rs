@@ -127,7 +127,8 @@ impl ReturnedMessages {
                 inner.waiting_messages.push_back((identity, message));
             } else {
                 warn!(
-                    ?message,
+                    exchange = %message.delivery.exchange,
+                    routing_key = %message.delivery.routing_key,
                     "Returned message matches no publish awaiting its confirm"
                 );
                 inner.messages.push(message);
@@ -201,7 +202,14 @@ impl Inner {
 
     fn new_delivery_complete(&mut self, confirm_mode: bool) {
         if let Some(message) = self.current_message.take() {
-            warn!(?message, "Server returned us a message");
+            // Without the body: a return is routine (an unroutable `mandatory`
+            // publish), and its body is the publisher's data.
+            trace!(
+                exchange = %message.delivery.exchange,
+                routing_key = %message.delivery.routing_key,
+                reply_code = message.reply_code,
+                "Server returned us a message"
+            );
             if confirm_mode {
                 self.waiting_messages
                     .push_back((ReturnIdentity::of_return(&message), message));
